@@ -1,0 +1,3 @@
+from lcdistill.cli import main
+
+main()

@@ -1,0 +1,315 @@
+"""The lcdistill command line. Parses flags, turns user errors into one line + exit 2, calls the rest."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from lcdistill.errors import UserError
+
+app = typer.Typer(
+    help="Compress pretrained image classifiers with Lipschitz-continuity-guided knowledge distillation (LONDON).",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+data_app = typer.Typer(help="Write bundled example data sets.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+
+def fail(message: str, code: int = 2) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def user_errors(command):
+    """One clear line on stderr and exit 2 (or the run's own code) instead of a traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except UserError as e:
+            fail(e.line(), getattr(e, "exit_code", 2))
+        except KeyboardInterrupt:
+            fail("interrupted", 130)
+
+    return wrapper
+
+
+def overrides(flags: dict, sets: list[str] | None) -> list[dict]:
+    """Recipe layers from CLI flags (only those given) and --set KEY=VALUE pairs."""
+    from lcdistill.recipe import parse_override
+
+    layer: dict = {}
+    for dotted, value in flags.items():
+        if value is None:
+            continue
+        node = layer
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return [layer] + [parse_override(s) for s in sets or []]
+
+
+def console_for(json_out: bool = False) -> Console:
+    return Console(stderr=json_out, highlight=False)
+
+
+# ---- shared training options ------------------------------------------------------------
+DataOpt = typer.Option(..., "--data", help="Folder with train/ and val/ ImageFolders.")
+EpochsOpt = typer.Option(None, "--epochs", help="Training epochs (schedule.epochs).")
+BatchOpt = typer.Option(None, "--batch-size", "-b", help="Global batch size, split over torchrun processes.")
+LrOpt = typer.Option(None, "--lr", help="Peak learning rate for the global batch.")
+OutOpt = typer.Option(None, "--out", help="Run folder (default runs/<student>-<method>-<time>).")
+DeviceOpt = typer.Option(None, "--device", help="auto | cpu | cuda")
+SeedOpt = typer.Option(None, "--seed")
+SetOpt = typer.Option(None, "--set", help="Override any recipe key: --set kd.temperature=2 (repeatable).")
+InputSizeOpt = typer.Option(None, "--input-size", help="Square input side in pixels (data.input_size).")
+AmpOpt = typer.Option(None, "--amp-dtype", help="auto | bfloat16 | float16 | float32")
+ChannelsLastOpt = typer.Option(None, "--channels-last/--no-channels-last", help="NHWC memory format (default on CUDA).")
+CompileOpt = typer.Option(None, "--torchcompile/--no-torchcompile", help="torch.compile student and teacher.")
+EmaOpt = typer.Option(None, "--model-ema/--no-model-ema", help="Keep an EMA of the student and ship it.")
+WorkersOpt = typer.Option(None, "--workers", "-j", help="Data loader processes per training process.")
+CkptOpt = typer.Option(None, "--checkpoint-every", help="Also checkpoint every N steps.")
+ClipOpt = typer.Option(None, "--max-grad-norm", help="Clip the gradient norm.")
+SkipBadOpt = typer.Option(None, "--skip-bad-images/--no-skip-bad-images", help="Skip unreadable images instead of stopping.")
+
+
+def _train(recipe_layers: list[dict], data: str, teacher: str | None, teacher_weights: str | None, out: str | None, json_out: bool = False) -> None:
+    from lcdistill import pipeline, recipe as recipes
+
+    recipe = recipes.build(recipe_layers)
+    prepared = pipeline.prepare(recipe, data, teacher, teacher_weights, out)
+    summary = pipeline.run(prepared, console_for(json_out))
+    if json_out and prepared.runtime.main:
+        print(json.dumps(summary))
+
+
+def _common_flags(epochs, batch_size, lr, device, seed, input_size, amp_dtype, channels_last, torchcompile, model_ema, workers, checkpoint_every, max_grad_norm, skip_bad_images) -> dict:
+    return {
+        "schedule.epochs": epochs, "schedule.batch_size": batch_size, "schedule.lr": lr, "schedule.max_grad_norm": max_grad_norm,
+        "train.device": device, "train.seed": seed, "train.amp_dtype": amp_dtype, "train.channels_last": channels_last,
+        "train.compile": torchcompile, "train.ema": model_ema, "train.checkpoint_every": checkpoint_every,
+        "data.input_size": input_size, "data.workers": workers, "data.skip_bad_images": skip_bad_images,
+    }
+
+
+@app.command()
+@user_errors
+def compress(
+    teacher: Optional[str] = typer.Option(None, "--teacher", help="timm/torchvision name (timm: / tv: prefix), run folder, or name + --teacher-weights."),
+    student: Optional[str] = typer.Option(None, "--student", help="Recipe name (see `lcdistill recipes`), recipe file, or model name."),
+    data: Optional[str] = typer.Option(None, "--data", help="Folder with train/ and val/ ImageFolders."),
+    recipe: Optional[str] = typer.Option(None, "--recipe", help="Recipe YAML file."),
+    method: Optional[str] = typer.Option(None, "--method", help="london | kd | ce"),
+    teacher_weights: Optional[str] = typer.Option(None, "--teacher-weights", help="Teacher weights file (.safetensors or .pth)."),
+    resume: Optional[str] = typer.Option(None, "--resume", help="Continue a run folder from its last checkpoint."),
+    epochs: Optional[int] = EpochsOpt, batch_size: Optional[int] = BatchOpt, lr: Optional[float] = LrOpt,
+    out: Optional[str] = OutOpt, device: Optional[str] = DeviceOpt, seed: Optional[int] = SeedOpt,
+    input_size: Optional[int] = InputSizeOpt, amp_dtype: Optional[str] = AmpOpt, channels_last: Optional[bool] = ChannelsLastOpt,
+    torchcompile: Optional[bool] = CompileOpt, model_ema: Optional[bool] = EmaOpt, workers: Optional[int] = WorkersOpt,
+    checkpoint_every: Optional[int] = CkptOpt, max_grad_norm: Optional[float] = ClipOpt, skip_bad_images: Optional[bool] = SkipBadOpt,
+    set_: Optional[List[str]] = SetOpt,
+    json_out: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout."),
+):
+    """Distil a teacher into a smaller student (LONDON by default)."""
+    from lcdistill import pipeline, recipe as recipes
+
+    if resume:
+        recipe_dict, inputs = pipeline.load_resume(resume)
+        prepared = pipeline.prepare(recipe_dict, inputs["data"], inputs["teacher"], inputs["teacher_weights"], resume, resume=True)
+        summary = pipeline.run(prepared, console_for(json_out), resume=True)
+        if json_out and prepared.runtime.main:
+            print(json.dumps(summary))
+        return
+    if data is None:
+        raise UserError("--data is missing", "pass --data DIR holding train/ and val/ (e.g. `lcdistill data digits data/digits`)")
+    flags = _common_flags(epochs, batch_size, lr, device, seed, input_size, amp_dtype, channels_last, torchcompile, model_ema, workers, checkpoint_every, max_grad_norm, skip_bad_images)
+    flags["method"] = method
+    layers = [recipes.resolve_student(student, recipe)] + overrides(flags, set_)
+    _train(layers, data, teacher, teacher_weights, out, json_out)
+
+
+@app.command()
+@user_errors
+def train(
+    model: str = typer.Option(..., "--model", help="timm or torchvision model name (timm: / tv: prefix to choose)."),
+    data: str = DataOpt,
+    pretrained: bool = typer.Option(False, "--pretrained/--scratch", help="Start from hub weights (fine-tune)."),
+    weights: Optional[str] = typer.Option(None, "--weights", help="Start from a local .safetensors / .pth file."),
+    recipe: Optional[str] = typer.Option(None, "--recipe", help="Recipe YAML for the schedule."),
+    epochs: Optional[int] = EpochsOpt, batch_size: Optional[int] = BatchOpt, lr: Optional[float] = LrOpt,
+    out: Optional[str] = OutOpt, device: Optional[str] = DeviceOpt, seed: Optional[int] = SeedOpt,
+    input_size: Optional[int] = InputSizeOpt, amp_dtype: Optional[str] = AmpOpt, channels_last: Optional[bool] = ChannelsLastOpt,
+    torchcompile: Optional[bool] = CompileOpt, model_ema: Optional[bool] = EmaOpt, workers: Optional[int] = WorkersOpt,
+    checkpoint_every: Optional[int] = CkptOpt, max_grad_norm: Optional[float] = ClipOpt, skip_bad_images: Optional[bool] = SkipBadOpt,
+    set_: Optional[List[str]] = SetOpt,
+):
+    """Train or fine-tune any classifier on DIR (head sized to its classes); the run folder can be a teacher."""
+    from lcdistill import recipe as recipes
+
+    flags = _common_flags(epochs, batch_size, lr, device, seed, input_size, amp_dtype, channels_last, torchcompile, model_ema, workers, checkpoint_every, max_grad_norm, skip_bad_images)
+    source, name = recipes.split_source(model)
+    flags.update({"method": "ce", "student.source": source, "student.name": name, "student.pretrained": pretrained, "student.weights": weights})
+    base = [recipes.read_yaml(Path(recipe))] if recipe else []
+    if recipe and not Path(recipe).is_file():
+        raise UserError(f"recipe file {recipe} not found", "pass an existing .yaml file")
+    _train(base + overrides(flags, set_), data, None, None, out)
+
+
+@data_app.command("digits")
+@user_errors
+def data_digits(out: str = typer.Argument(..., help="Folder to create with train/ and val/.")):
+    """scikit-learn's 1,797 handwritten digits as 32x32 RGB PNG ImageFolders (seeded 80/20 split)."""
+    from lcdistill.data import write_digits
+
+    n_train, n_val = write_digits(out)
+    typer.echo(f"wrote {n_train} train and {n_val} val images of 10 classes to {out}")
+
+
+@app.command("eval")
+@user_errors
+def eval_(
+    target: str = typer.Argument(..., help="Run folder, student .safetensors, or exported .onnx / .pt."),
+    data: str = DataOpt,
+    device: str = typer.Option("auto", "--device"),
+    batch_size: int = typer.Option(64, "--batch-size", "-b"),
+    workers: int = typer.Option(2, "--workers", "-j"),
+    teacher: bool = typer.Option(True, "--teacher/--no-teacher", help="Also measure the run's teacher."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
+    save: Optional[str] = typer.Option(None, "--save", help="Also write that JSON object to this file."),
+):
+    """Top-1/top-5, params, FLOPs and latency; teacher beside student when the run knows its teacher."""
+    from lcdistill import evaluate, models
+    from lcdistill.data import ImageDataset, eval_loader, scan, transforms
+    from lcdistill.trainer import setup_runtime
+    import torch
+
+    runtime = setup_runtime({"device": device, "amp_dtype": "float32", "channels_last": False, "deterministic": False})
+    student = evaluate.load_target(target)
+    meta = student["meta"]
+    train_split, val_split = scan(data)
+    if val_split.classes != meta["classes"]:
+        raise UserError(f"the data's classes {val_split.classes[:5]}... differ from the model's {meta['classes'][:5]}...", "evaluate on the data the model was trained for")
+    data_settings = {"scale": [0.08, 1.0], "ratio": [0.75, 1.33], "hflip": 0.0, "color_jitter": 0.0, "auto_augment": None}
+    loader = eval_loader(ImageDataset(val_split, transforms(meta["input_size"][-1], meta, data_settings, False)), batch_size, workers)
+    results = {"student": evaluate.measure(student, loader, runtime.device, batch_size, meta["mean"], meta["std"])}
+    teacher_entry = meta.get("teacher")
+    if teacher and teacher_entry:
+        try:
+            t = models.rebuild(teacher_entry["spec"], meta["num_classes"])
+        except UserError as e:
+            console_for(True).print(f"[yellow]teacher skipped: {e.line()}[/]")
+        else:
+            t_target = {"kind": "pytorch", "predict": t.model.eval(), "meta": {**meta, **t.data_config, "input_size": meta["input_size"]}, "module": t.model.eval(), "file": None}
+            results["teacher"] = evaluate.measure(t_target, loader, runtime.device, batch_size, t.data_config["mean"], t.data_config["std"])
+            results["teacher"]["model"] = t.origin
+    results["student"]["model"] = target
+    if save:
+        from lcdistill.checkpoint import atomic_write_json
+
+        atomic_write_json(Path(save), results)
+    if json_out:
+        print(json.dumps(results))
+        return
+    table = Table(title=f"{target} on {data}/val ({results['student']['images']} images, {runtime.device})")
+    for col in ("", "top-1 %", "top-5 %", "params", "GFLOPs", "file MB", "ms @1", f"ms @{batch_size}", "img/s"):
+        table.add_column(col, justify="left" if not col else "right")
+    for role, r in results.items():
+        fmt = lambda v, f: f.format(v) if v is not None else "-"  # noqa: E731
+        table.add_row(role, f"{r['top1']:.2f}", f"{r['top5']:.2f}", fmt(r.get("params") and r["params"] / 1e6, "{:.2f}M"),
+                      fmt(r.get("flops") and r["flops"] / 1e9, "{:.3f}"), fmt(r.get("file_bytes") and r["file_bytes"] / 1e6, "{:.2f}"),
+                      f"{r['latency_ms_b1']:.2f}", f"{r['latency_ms_batch']:.2f}", f"{r['throughput_img_s']:,.0f}")
+    console_for().print(table)
+
+
+@app.command()
+@user_errors
+def export(
+    target: str = typer.Argument(..., help="Run folder or student .safetensors."),
+    format: str = typer.Option("all", "--format", "-f", help="onnx | torchscript | all"),
+    out: Optional[str] = typer.Option(None, "--out", help="Folder for the files (default: the run folder)."),
+    data: Optional[str] = typer.Option(None, "--data", help="Data folder for the parity batch (default: the run's own data)."),
+    opset: int = typer.Option(18, "--opset", help="ONNX opset."),
+    tolerance: float = typer.Option(1e-3, "--tolerance", help="Largest allowed |exported - PyTorch| on the logits."),
+):
+    """Write student.onnx / student.pt (dynamic batch, metadata) and check them against PyTorch on real images."""
+    import torch
+
+    from lcdistill import export as exporter, models
+    from lcdistill.data import ImageDataset, eval_loader, scan, transforms
+
+    if format not in ("onnx", "torchscript", "all"):
+        raise UserError(f"unknown --format '{format}'", "choose onnx, torchscript or all")
+    path = Path(target)
+    if not (models.is_run(path) or (path.suffix == ".safetensors" and path.is_file())):
+        raise UserError(f"{target} is not a run folder or student .safetensors", "pass the --out folder of `lcdistill compress` or `lcdistill train`")
+    loaded = models.load_run(path)
+    meta = loaded.meta
+    out_dir = Path(out) if out else (path if path.is_dir() else path.parent)
+    data_dir = data or _run_data(path)
+    if data_dir:
+        _, val = scan(data_dir, check=False)
+        settings = {"scale": [0.08, 1.0], "ratio": [0.75, 1.33], "hflip": 0.0, "color_jitter": 0.0, "auto_augment": None}
+        images = next(iter(eval_loader(ImageDataset(val, transforms(meta["input_size"][-1], meta, settings, False)), 8, 0)))[0]
+        from lcdistill.data import normalize
+
+        batch, source = normalize(images, meta["mean"], meta["std"]), f"{len(images)} val images from {data_dir}"
+    else:
+        batch, source = torch.randn(8, *meta["input_size"]), "8 random inputs (pass --data for real images)"
+    files = {}
+    if format in ("onnx", "all"):
+        files["onnx"] = exporter.to_onnx(loaded.model, meta, out_dir / "student.onnx", opset)
+    if format in ("torchscript", "all"):
+        files["torchscript"] = exporter.to_torchscript(loaded.model, meta, out_dir / "student.pt")
+    diffs = exporter.parity(loaded.model, files, batch)
+    worst = 0.0
+    for fmt, diff in diffs.items():
+        worst = max(worst, diff)
+        typer.echo(f"{fmt}: {files[fmt]}  max |diff| vs PyTorch {diff:.2e} on {source} and batch 1")
+    if worst > tolerance:
+        fail(f"export differs from PyTorch by {worst:.2e} > tolerance {tolerance:g}", 1)
+
+
+def _run_data(path: Path) -> str | None:
+    run_file = (path if path.is_dir() else path.parent) / "run.json"
+    if run_file.is_file():
+        data_dir = json.loads(run_file.read_text()).get("data")
+        if data_dir and Path(data_dir).is_dir():
+            return data_dir
+    return None
+
+
+@app.command("recipes")
+@user_errors
+def list_recipes():
+    """List the shipped student recipes."""
+    from lcdistill import models, recipe as recipes
+
+    table = Table(title="shipped recipes (use --student NAME)")
+    for col in ("name", "model", "method", "epochs", "params (1000 classes)"):
+        table.add_column(col)
+    for name, path in recipes.list_recipes().items():
+        r = recipes.build([recipes.read_yaml(path)])
+        s = r["student"]
+        arch = {"source": models.resolve_source(s["source"], s["name"]), "name": s["name"], "kwargs": s["kwargs"]}
+        n = sum(p.numel() for p in models.build(arch, 1000).parameters())
+        table.add_row(name, f"{arch['source']}:{s['name']}", r["method"], str(r["schedule"]["epochs"]), f"{n / 1e6:.2f}M")
+    console_for().print(table)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,142 @@
+"""Export a student to ONNX and TorchScript, with metadata, and prove the files match PyTorch."""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from lcdistill.checkpoint import atomic_write
+from lcdistill.errors import UserError
+
+OPSET = 18  # supported by onnxruntime >= 1.16 and by both of torch's ONNX exporters
+
+
+def metadata(meta: dict) -> dict[str, str]:
+    """What a deployment needs to feed the model and read its output, as string pairs."""
+    from lcdistill import __version__
+
+    return {
+        "classes": json.dumps(meta["classes"]),
+        "mean": json.dumps(meta["mean"]),
+        "std": json.dumps(meta["std"]),
+        "input_size": json.dumps(meta["input_size"]),
+        "interpolation": meta.get("interpolation", "bilinear"),
+        "crop_pct": json.dumps(meta.get("crop_pct", 0.875)),
+        "arch": json.dumps(meta["arch"]),
+        "lcdistill_version": __version__,
+    }
+
+
+def to_onnx(model: nn.Module, meta: dict, path: Path, opset: int = OPSET) -> Path:
+    """ONNX with a dynamic batch dimension and the metadata above, checked by onnx.checker."""
+    import onnx
+
+    model = model.eval()
+    example = torch.randn(2, *meta["input_size"])
+    batch = torch.export.Dim("batch", min=1, max=4096)
+
+    def write(tmp: str) -> None:
+        with warnings.catch_warnings(), open(os.devnull, "w") as quiet:
+            warnings.simplefilter("ignore")
+            # the exporter reports its progress on stdout; keep our own output clean
+            saved = os.dup(1)
+            os.dup2(quiet.fileno(), 1)
+            try:
+                program = torch.onnx.export(
+                    model, (example,), dynamo=True, opset_version=opset, input_names=["input"], output_names=["logits"],
+                    dynamic_shapes=({0: batch},), external_data=False,
+                )
+            finally:
+                os.dup2(saved, 1)
+                os.close(saved)
+        proto = program.model_proto
+        for key, value in metadata(meta).items():
+            entry = proto.metadata_props.add()
+            entry.key, entry.value = key, value
+        onnx.checker.check_model(proto, full_check=True)
+        onnx.save_model(proto, tmp)
+
+    atomic_write(path, write)
+    return path
+
+
+def to_torchscript(model: nn.Module, meta: dict, path: Path) -> Path:
+    """A traced TorchScript module; metadata rides along as an extra file."""
+    model = model.eval()
+    example = torch.randn(2, *meta["input_size"])
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(model, example, check_trace=False)
+    extra = {"lcdistill.json": json.dumps(metadata(meta))}
+    atomic_write(path, lambda tmp: torch.jit.save(traced, tmp, _extra_files=extra))
+    return path
+
+
+def onnx_session(path: Path):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def run_onnx(session, batch: torch.Tensor) -> torch.Tensor:
+    name = session.get_inputs()[0].name
+    return torch.from_numpy(session.run(None, {name: batch.cpu().numpy().astype(np.float32)})[0])
+
+
+def parity(model: nn.Module, files: dict[str, Path], batch: torch.Tensor) -> dict[str, float]:
+    """Max |exported - PyTorch| over the batch and over its first image alone (batch 1)."""
+    model = model.eval()
+    result = {}
+    with torch.no_grad():
+        for fmt, path in files.items():
+            if fmt == "onnx":
+                session = onnx_session(path)
+                predict = lambda x: run_onnx(session, x)  # noqa: E731
+            else:
+                scripted = torch.jit.load(str(path))
+                predict = lambda x: scripted(x)  # noqa: E731
+            diff = 0.0
+            for x in (batch, batch[:1]):
+                diff = max(diff, (predict(x) - model(x)).abs().max().item())
+            result[fmt] = diff
+    return result
+
+
+def read_onnx_metadata(path: Path) -> dict:
+    import onnx
+
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as e:
+        raise UserError(f"{path} is not a readable ONNX file ({type(e).__name__})", "pass a file written by `lcdistill export`") from None
+    props = {p.key: p.value for p in proto.metadata_props}
+    if "classes" not in props:
+        raise UserError(f"{path} carries no lcdistill metadata", "export it with `lcdistill export`")
+    return decode_metadata(props)
+
+
+def read_torchscript_metadata(path: Path) -> dict:
+    extra = {"lcdistill.json": ""}
+    try:
+        torch.jit.load(str(path), _extra_files=extra)
+    except Exception as e:
+        raise UserError(f"{path} is not a readable TorchScript file ({type(e).__name__})", "pass a file written by `lcdistill export`") from None
+    if not extra["lcdistill.json"]:
+        raise UserError(f"{path} carries no lcdistill metadata", "export it with `lcdistill export`")
+    return decode_metadata(json.loads(extra["lcdistill.json"]))
+
+
+def decode_metadata(props: dict[str, str]) -> dict:
+    out = {k: json.loads(props[k]) for k in ("classes", "mean", "std", "input_size", "crop_pct", "arch")}
+    out["interpolation"] = props.get("interpolation", "bilinear")
+    out["lcdistill_version"] = props.get("lcdistill_version")
+    out["num_classes"] = len(out["classes"])
+    return out

@@ -1,0 +1,215 @@
+"""Recipes: load a YAML recipe, merge overrides, validate keys, save the resolved result.
+
+A recipe is a nested dict. DEFAULTS lists every key that exists; a recipe or a
+`--set a.b=c` override may only name keys found here (except inside the
+free-form mappings in FREE_FORM).
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import os
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lcdistill.errors import UserError
+
+DEFAULTS: dict[str, Any] = {
+    "student": {
+        "source": "auto",  # timm | tv | auto (timm first, then torchvision)
+        "name": None,
+        "kwargs": {},  # passed to the model constructor (drop_rate, width_mult, ...)
+        "pretrained": False,  # start the student from hub weights
+        "weights": None,  # or from a local .safetensors / .pth file
+    },
+    "method": "london",  # ce | kd | london
+    "loss": {
+        "ce": 1.0,  # weight of the hard-label cross-entropy
+        "label_smoothing": 0.0,
+    },
+    "kd": {
+        "weight": 1.0,  # weight of the soft-label KL term (kd and london)
+        "temperature": 4.0,
+    },
+    "london": {
+        "alpha": 1.0,  # weight of the Lipschitz term
+        "distance": "log_mse",  # log_mse (default, scale-free) | mse (authors') | relative
+        "iterations": 5,  # power-iteration steps for each spectral norm
+        "min_stride": 4,  # stages with a smaller stride are not paired
+        "pairs": None,  # [[student_module, teacher_module], ...] to set the pairing by hand
+        "pair_weights": None,  # one weight per transmitting matrix; default 1/2^(N-1-i)
+        "feature_weight": 0.0,  # optional MSE between connected student and teacher features
+    },
+    "schedule": {
+        "epochs": 10,
+        "batch_size": 64,
+        "optimizer": "sgd",  # any timm create_optimizer_v2 name
+        "lr": 0.05,
+        "momentum": 0.9,
+        "weight_decay": 5e-5,
+        "scheduler": "cosine",  # any timm create_scheduler_v2 name
+        "warmup_epochs": 0,
+        "min_lr": 0.0,
+        "max_grad_norm": None,
+    },
+    "data": {
+        "input_size": None,  # square side; default: teacher run's size, else the student's
+        "crop_pct": None,  # eval centre-crop fraction; default: teacher run's, else the student's
+        "workers": 2,
+        "scale": [0.08, 1.0],  # RandomResizedCrop area range
+        "ratio": [0.75, 1.3333333333333333],
+        "hflip": 0.5,
+        "color_jitter": 0.0,
+        "auto_augment": None,  # timm string, e.g. rand-m9-mstd0.5
+        "skip_bad_images": False,
+    },
+    "train": {
+        "device": "auto",  # auto | cpu | cuda
+        "seed": 0,
+        "amp_dtype": "auto",  # auto (bf16 on cuda, fp32 on cpu) | bfloat16 | float16 | float32
+        "channels_last": "auto",  # auto (on for cuda) | true | false
+        "compile": False,
+        "ema": False,
+        "ema_decay": 0.999,
+        "sync_bn": False,
+        "checkpoint_every": 0,  # also checkpoint every N steps (0: only at epoch ends)
+        "deterministic": False,
+        "log_every": 10,
+    },
+}
+
+# Mappings whose keys are the user's own (model kwargs), not recipe keys.
+FREE_FORM = {("student", "kwargs")}
+
+
+def recipe_dirs() -> list[Path]:
+    """Where shipped recipes live: inside the package when installed, the repo's recipes/ when editable."""
+    return [Path(str(resources.files("lcdistill.recipes")))]
+
+
+def list_recipes() -> dict[str, Path]:
+    found: dict[str, Path] = {}
+    for folder in recipe_dirs():
+        for path in sorted(folder.glob("*.yaml")):
+            found.setdefault(path.stem, path)
+    return found
+
+
+def deep_merge(base: dict, over: dict, path: tuple = ()) -> dict:
+    """Merge `over` into a copy of `base`, refusing keys that base does not have."""
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        here = path + (key,)
+        if path in FREE_FORM:
+            out[key] = copy.deepcopy(value)
+            continue
+        if key not in base:
+            where = ".".join(path) or "the recipe's top level"
+            valid = ", ".join(sorted(base))
+            close = difflib.get_close_matches(str(key), list(base), n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise UserError(
+                f"unknown recipe key '{'.'.join(map(str, here))}'{hint}",
+                f"valid keys in {where}: {valid}",
+            )
+        if isinstance(base[key], dict) and here not in FREE_FORM:
+            if not isinstance(value, dict):
+                raise UserError(f"recipe key '{'.'.join(here)}' must be a mapping", f"its keys are: {', '.join(sorted(base[key]))}")
+            out[key] = deep_merge(base[key], value, here)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def parse_override(text: str) -> dict:
+    """'a.b=c' -> {'a': {'b': c}} with c parsed as YAML (numbers, lists, null...)."""
+    if "=" not in text:
+        raise UserError(f"--set '{text}' is not KEY=VALUE", "write it like --set kd.temperature=2")
+    key, raw = text.split("=", 1)
+    value = yaml.safe_load(raw) if raw.strip() else None
+    out: dict = {}
+    node = out
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+    return out
+
+
+def read_yaml(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"recipe {path} is not valid YAML ({str(e).splitlines()[0]})", "fix the file's syntax") from None
+    if not isinstance(data, dict):
+        raise UserError(f"recipe {path} must be a YAML mapping", "see recipes/mobilenetv2.yaml for the layout")
+    return data
+
+
+def resolve_student(spec: str | None, recipe_file: str | None) -> dict:
+    """The student recipe named by --student / --recipe: a shipped recipe, a file, or a bare model name."""
+    if recipe_file:
+        path = Path(recipe_file)
+        if not path.is_file():
+            raise UserError(f"recipe file {recipe_file} not found", "pass an existing .yaml file or a shipped recipe name (see `lcdistill recipes`)")
+        data = read_yaml(path)
+        if spec:
+            data.setdefault("student", {})["name"] = spec
+        return data
+    if spec is None:
+        raise UserError("no student given", "pass --student NAME (a recipe from `lcdistill recipes` or a model name)")
+    if spec.endswith((".yaml", ".yml")) or os.sep in spec:
+        if not Path(spec).is_file():
+            raise UserError(f"recipe file {spec} not found", "pass an existing .yaml file or a shipped recipe name (see `lcdistill recipes`)")
+        return read_yaml(Path(spec))
+    shipped = list_recipes()
+    if spec in shipped:
+        return read_yaml(shipped[spec])
+    source, name = split_source(spec)
+    return {"student": {"source": source, "name": name}}
+
+
+def split_source(spec: str) -> tuple[str, str]:
+    """'timm:resnet18' -> ('timm', 'resnet18'); 'tv:resnet18' -> ('tv', ...); bare -> ('auto', ...)."""
+    for prefix, source in (("timm:", "timm"), ("tv:", "tv"), ("torchvision:", "tv")):
+        if spec.startswith(prefix):
+            return source, spec[len(prefix):]
+    return "auto", spec
+
+
+def build(layers: list[dict]) -> dict:
+    """DEFAULTS merged with each layer in turn (recipe file, CLI flags, --set overrides)."""
+    recipe = copy.deepcopy(DEFAULTS)
+    for layer in layers:
+        recipe = deep_merge(recipe, layer)
+    validate(recipe)
+    return recipe
+
+
+def validate(recipe: dict) -> None:
+    from lcdistill.methods import METHODS  # late import: methods import torch
+
+    if recipe["method"] not in METHODS:
+        raise UserError(f"unknown method '{recipe['method']}'", f"choose one of: {', '.join(METHODS)}")
+    if not recipe["student"]["name"]:
+        raise UserError("the recipe names no student model", "set student.name or pass --student NAME")
+    sched = recipe["schedule"]
+    for key in ("epochs", "batch_size"):
+        if not isinstance(sched[key], int) or sched[key] < 1:
+            raise UserError(f"schedule.{key} must be a positive integer, got {sched[key]!r}", f"pass --set schedule.{key}=N")
+    if not isinstance(sched["lr"], (int, float)) or sched["lr"] <= 0:
+        raise UserError(f"schedule.lr must be a positive number, got {sched['lr']!r}", "pass --lr X")
+    if recipe["london"]["distance"] not in ("log_mse", "mse", "relative"):
+        raise UserError(f"unknown london.distance '{recipe['london']['distance']}'", "choose log_mse, mse or relative")
+    if recipe["train"]["amp_dtype"] not in ("auto", "bfloat16", "float16", "float32"):
+        raise UserError(f"unknown train.amp_dtype '{recipe['train']['amp_dtype']}'", "choose auto, bfloat16, float16 or float32")
+
+
+def save(recipe: dict, path: Path) -> None:
+    from lcdistill.checkpoint import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(recipe, sort_keys=False))
