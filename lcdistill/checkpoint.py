@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -63,6 +64,8 @@ def _flatten(obj: Any, tensors: dict[str, torch.Tensor], prefix: str) -> Any:
     """Replace tensors in a nested structure by {"__tensor__": key}; collect them in `tensors`."""
     if isinstance(obj, torch.Tensor):
         key = prefix or "t"
+        if key in tensors:  # {"a.b": x, "a": {"b": y}} and {1: x, "1": y} flatten to the same path
+            key = f"{key}#{len(tensors)}"
         tensors[key] = obj.detach().cpu().contiguous().clone()
         return {"__tensor__": key}
     if isinstance(obj, dict):
@@ -127,9 +130,17 @@ def load_weights(path: Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises UnpicklingError and friends for anything but plain tensors
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        # torch's text advises loading with weights_only=False or allow-listing the global, i.e.
+        # running the file's code: never repeat that; name only what the file wanted to run.
+        text = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip()
+        found = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) ([\w.]+)", text)
+        if found:
+            reason = f"unpickling it would call {found.group(1)}"
+        else:
+            first = text.splitlines()[0] if text else ""
+            reason = type(e).__name__ + (f": {first}" if first and "weights only" not in first.lower() else "")
         raise UserError(
-            f"refused to load {path}: it is not a plain weights file ({first})",
+            f"refused to load {path}: it is not a plain weights file ({reason})",
             "save a state_dict (torch.save(model.state_dict(), f)) or convert it to .safetensors",
         ) from None
     for key in ("state_dict", "model", "model_state_dict", "state_dict_ema"):

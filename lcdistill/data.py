@@ -99,7 +99,8 @@ def load_rgb(path: str) -> Image.Image:
         if im.mode in ("I;16", "I;16B", "I;16L", "I"):
             # 16/32-bit grayscale: scale to 8 bits instead of clipping at 255
             arr = np.asarray(im, dtype=np.float64)
-            top = 65535.0 if arr.max() > 255 else 255.0
+            # I;16 is 16-bit by definition (a dark frame must stay dark); plain I may hold either range
+            top = 65535.0 if im.mode.startswith("I;16") or arr.max() > 255 else 255.0
             im = Image.fromarray((arr / top * 255).clip(0, 255).astype(np.uint8), "L")
         if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
             im = im.convert("RGBA")

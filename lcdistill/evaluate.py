@@ -95,7 +95,8 @@ def load_target(path: str) -> dict:
         return {"kind": "onnx", "predict": lambda x: export.run_onnx(session, x), "meta": meta, "module": None, "file": str(p)}
     if p.suffix in (".pt", ".ts") and p.is_file():
         meta = export.read_torchscript_metadata(p)
-        scripted = torch.jit.load(str(p)).eval()
+        with export.quiet_jit():
+            scripted = torch.jit.load(str(p)).eval()
         return {"kind": "torchscript", "predict": scripted, "meta": meta, "module": scripted, "file": str(p)}
     if models.is_run(p) or (p.suffix == ".safetensors" and p.is_file()):
         loaded = models.load_run(p)

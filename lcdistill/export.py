@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +32,14 @@ def metadata(meta: dict) -> dict[str, str]:
         "arch": json.dumps(meta["arch"]),
         "lcdistill_version": __version__,
     }
+
+
+@contextmanager
+def quiet_jit():
+    """torch.jit.save/load warn on every call that they are deprecated: keep stderr to our own lines."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.jit")
+        yield
 
 
 def to_onnx(model: nn.Module, meta: dict, path: Path, opset: int = OPSET) -> Path:
@@ -74,7 +83,8 @@ def to_torchscript(model: nn.Module, meta: dict, path: Path) -> Path:
         warnings.simplefilter("ignore")
         traced = torch.jit.trace(model, example, check_trace=False)
     extra = {"lcdistill.json": json.dumps(metadata(meta))}
-    atomic_write(path, lambda tmp: torch.jit.save(traced, tmp, _extra_files=extra))
+    with quiet_jit():
+        atomic_write(path, lambda tmp: torch.jit.save(traced, tmp, _extra_files=extra))
     return path
 
 
@@ -101,7 +111,8 @@ def parity(model: nn.Module, files: dict[str, Path], batch: torch.Tensor) -> dic
                 session = onnx_session(path)
                 predict = lambda x: run_onnx(session, x)  # noqa: E731
             else:
-                scripted = torch.jit.load(str(path))
+                with quiet_jit():
+                    scripted = torch.jit.load(str(path))
                 predict = lambda x: scripted(x)  # noqa: E731
             diff = 0.0
             for x in (batch, batch[:1]):
@@ -126,7 +137,8 @@ def read_onnx_metadata(path: Path) -> dict:
 def read_torchscript_metadata(path: Path) -> dict:
     extra = {"lcdistill.json": ""}
     try:
-        torch.jit.load(str(path), _extra_files=extra)
+        with quiet_jit():
+            torch.jit.load(str(path), _extra_files=extra)
     except Exception as e:
         raise UserError(f"{path} is not a readable TorchScript file ({type(e).__name__})", "pass a file written by `lcdistill export`") from None
     if not extra["lcdistill.json"]:

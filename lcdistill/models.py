@@ -60,7 +60,7 @@ def resolve_source(source: str, name: str) -> str:
     if source == "tv" and in_tv or source == "auto" and in_tv:
         return "tv"
     pool = {"timm": list(timm.list_models()), "tv": list(torchvision_names())}
-    choices = pool.get(source) or pool["timm"] + pool["tv"]
+    choices = list(dict.fromkeys(pool.get(source) or pool["timm"] + pool["tv"]))  # a name in both libraries once
     close = difflib.get_close_matches(name, choices, n=4, cutoff=0.6)
     where = {"timm": "timm", "tv": "torchvision"}.get(source, "timm or torchvision")
     hint = f"did you mean {', '.join(close)}?" if close else "run `python -c \"import timm; print(timm.list_models('*res*'))\"` to search names"
@@ -127,21 +127,38 @@ def _replace_tv_head(model: nn.Module, num_classes: int) -> None:
     setattr(parent, path.rsplit(".", 1)[-1], nn.Linear(old.in_features, num_classes, bias=old.bias is not None))
 
 
+def _init_head(model: nn.Module) -> None:
+    """Small init for a new classifier. timm's EfficientNet-family init draws the head from
+    U(+-1/sqrt(num_classes)): with 10 classes the first logits have a std near 10 and
+    the first epoch is spent recovering from it."""
+    head = model.get_classifier() if hasattr(model, "get_classifier") else None
+    if not isinstance(head, nn.Linear):
+        linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+        head = linears[-1] if linears else None
+    if isinstance(head, nn.Linear):
+        nn.init.normal_(head.weight, std=0.01)
+        if head.bias is not None:
+            nn.init.zeros_(head.bias)
+
+
 def build(arch: dict, num_classes: int, pretrained: bool = False, flag: str = "--weights") -> nn.Module:
     """Construct the architecture with a head of num_classes; optional hub weights (head re-initialised)."""
     source, name, kwargs = arch["source"], arch["name"], dict(arch.get("kwargs") or {})
     try:
         if source == "timm":
             extra = _timm_pretrained_kwargs(name, flag) if pretrained else {}
-            return timm.create_model(name, num_classes=num_classes, **extra, **kwargs)
-        if pretrained:
+            model = timm.create_model(name, num_classes=num_classes, **extra, **kwargs)
+        elif pretrained:
             model = torchvision.models.get_model(name, weights=_tv_pretrained_weights(name, flag), **kwargs)
             if num_classes != 1000:
                 _replace_tv_head(model, num_classes)
-            return model
-        return torchvision.models.get_model(name, num_classes=num_classes, **kwargs)
+        else:
+            model = torchvision.models.get_model(name, num_classes=num_classes, **kwargs)
     except TypeError as e:
         raise UserError(f"cannot build {source}:{name} with {kwargs} ({e})", "check student.kwargs in the recipe") from None
+    if not (pretrained and num_classes == 1000):  # keep a pretrained ImageNet head
+        _init_head(model)
+    return model
 
 
 def load_into(model: nn.Module, state: dict[str, torch.Tensor], what: str, num_classes: int) -> None:
@@ -229,7 +246,8 @@ def resolve(spec: str, num_classes: int, weights: str | None = None, pretrained:
         if pretrained and num_classes != 1000:
             raise UserError(
                 f"{arch['source']}:{name} comes with 1000 ImageNet classes but the data has {num_classes}",
-                "fine-tune it on this data first with `lcdistill train --model NAME --pretrained --data DIR` and pass that run folder",
+                f"pass {flag} FILE with weights for these {num_classes} classes, or fine-tune it on this data first"
+                f" with `lcdistill train --model {spec} --pretrained --data DIR` and pass that run folder",
             )
         model = build(arch, num_classes, pretrained=pretrained, flag=flag)
         origin = f"{arch['source']}:{name}" + (" (pretrained)" if pretrained else "")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import difflib
 import os
+import re
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -86,6 +87,26 @@ DEFAULTS: dict[str, Any] = {
 FREE_FORM = {("student", "kwargs")}
 
 
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that also reads 1e-3 and 5E-5 as floats (YAML 1.1 wants a dot: 1.0e-3)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+                |[-+]?[0-9][0-9_]*(?::[0-5]?[0-9])+\.[0-9_]*
+                |[-+]?\.(?:inf|Inf|INF)
+                |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."),
+)
+
+
+def load_yaml(text: str):
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+
+
 def recipe_dirs() -> list[Path]:
     """Where shipped recipes live: inside the package when installed, the repo's recipes/ when editable."""
     return [Path(str(resources.files("lcdistill.recipes")))]
@@ -120,6 +141,9 @@ def deep_merge(base: dict, over: dict, path: tuple = ()) -> dict:
             if not isinstance(value, dict):
                 raise UserError(f"recipe key '{'.'.join(here)}' must be a mapping", f"its keys are: {', '.join(sorted(base[key]))}")
             out[key] = deep_merge(base[key], value, here)
+        elif here in FREE_FORM and isinstance(base[key], dict) and isinstance(value, dict):
+            # a later layer adds to (or overrides single keys of) the user's own mapping
+            out[key] = deep_merge(base[key], value, here)
         else:
             out[key] = copy.deepcopy(value)
     return out
@@ -130,7 +154,7 @@ def parse_override(text: str) -> dict:
     if "=" not in text:
         raise UserError(f"--set '{text}' is not KEY=VALUE", "write it like --set kd.temperature=2")
     key, raw = text.split("=", 1)
-    value = yaml.safe_load(raw) if raw.strip() else None
+    value = load_yaml(raw) if raw.strip() else None
     out: dict = {}
     node = out
     parts = key.strip().split(".")
@@ -142,7 +166,11 @@ def parse_override(text: str) -> dict:
 
 def read_yaml(path: Path) -> dict:
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = load_yaml(path.read_text()) or {}
+    except FileNotFoundError:
+        raise UserError(f"recipe file {path} not found", "pass an existing .yaml file or a shipped recipe name (see `lcdistill recipes`)") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"recipe file {path} cannot be read ({type(e).__name__})", "pass a readable .yaml file") from None
     except yaml.YAMLError as e:
         raise UserError(f"recipe {path} is not valid YAML ({str(e).splitlines()[0]})", "fix the file's syntax") from None
     if not isinstance(data, dict):

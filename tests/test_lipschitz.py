@@ -330,3 +330,16 @@ def test_network_upper_bound_timm_models(name):
     assert all(layer["kind"] == "conv+bn" for layer in result["layers"] if layer["kind"].startswith("conv"))
     assert math.isfinite(result["log10_upper_bound"]) and result["upper_bound"] > 1
     assert result["unhandled"] == []
+
+
+def test_factored_tm_norm_equals_explicit_power_iteration():
+    # stage_sigmas never forms G; it must give what the explicit G would
+    from lcdistill.lipschitz import tm_spectral_norm
+
+    torch.manual_seed(3)
+    for hw_prev, hw_next in ((8, 4), (4, 2), (2, 1), (7, 7)):
+        f1 = torch.relu(torch.randn(5, 48, hw_prev, hw_prev)) + 0.1
+        f2 = torch.relu(torch.randn(5, 96, hw_next, hw_next)) + 0.1
+        explicit = spectral_norm_power(transmitting_matrix(f1, f2), iterations=5)
+        factored = tm_spectral_norm(f1, f2, iterations=5)
+        torch.testing.assert_close(factored, explicit, rtol=1e-5, atol=1e-6)
