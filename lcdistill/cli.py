@@ -44,6 +44,12 @@ def user_errors(command):
     return wrapper
 
 
+def need_data(data: str | None) -> str:
+    if data is None:
+        raise UserError("--data is missing", "pass --data DIR holding train/ and val/ (e.g. `lcdistill data digits data/digits`)")
+    return data
+
+
 def overrides(flags: dict, sets: list[str] | None) -> list[dict]:
     """Recipe layers from CLI flags (only those given) and --set KEY=VALUE pairs."""
     from lcdistill.recipe import parse_override
@@ -65,7 +71,7 @@ def console_for(json_out: bool = False) -> Console:
 
 
 # ---- shared training options ------------------------------------------------------------
-DataOpt = typer.Option(..., "--data", help="Folder with train/ and val/ ImageFolders.")
+DataOpt = typer.Option(None, "--data", help="Folder with train/ and val/ ImageFolders.")
 EpochsOpt = typer.Option(None, "--epochs", help="Training epochs (schedule.epochs).")
 BatchOpt = typer.Option(None, "--batch-size", "-b", help="Global batch size, split over torchrun processes.")
 LrOpt = typer.Option(None, "--lr", help="Peak learning rate for the global batch.")
@@ -131,8 +137,7 @@ def compress(
         if json_out and prepared.runtime.main:
             print(json.dumps(summary))
         return
-    if data is None:
-        raise UserError("--data is missing", "pass --data DIR holding train/ and val/ (e.g. `lcdistill data digits data/digits`)")
+    need_data(data)
     flags = _common_flags(epochs, batch_size, lr, device, seed, input_size, amp_dtype, channels_last, torchcompile, model_ema, workers, checkpoint_every, max_grad_norm, skip_bad_images)
     flags["method"] = method
     layers = [recipes.resolve_student(student, recipe)] + overrides(flags, set_)
@@ -143,7 +148,7 @@ def compress(
 @user_errors
 def train(
     model: str = typer.Option(..., "--model", help="timm or torchvision model name (timm: / tv: prefix to choose)."),
-    data: str = DataOpt,
+    data: Optional[str] = DataOpt,
     pretrained: bool = typer.Option(False, "--pretrained/--scratch", help="Start from hub weights (fine-tune)."),
     weights: Optional[str] = typer.Option(None, "--weights", help="Start from a local .safetensors / .pth file."),
     recipe: Optional[str] = typer.Option(None, "--recipe", help="Recipe YAML for the schedule."),
@@ -157,6 +162,7 @@ def train(
     """Train or fine-tune any classifier on DIR (head sized to its classes); the run folder can be a teacher."""
     from lcdistill import recipe as recipes
 
+    need_data(data)
     flags = _common_flags(epochs, batch_size, lr, device, seed, input_size, amp_dtype, channels_last, torchcompile, model_ema, workers, checkpoint_every, max_grad_norm, skip_bad_images)
     source, name = recipes.split_source(model)
     flags.update({"method": "ce", "student.source": source, "student.name": name, "student.pretrained": pretrained, "student.weights": weights})
@@ -180,7 +186,7 @@ def data_digits(out: str = typer.Argument(..., help="Folder to create with train
 @user_errors
 def eval_(
     target: str = typer.Argument(..., help="Run folder, student .safetensors, or exported .onnx / .pt."),
-    data: str = DataOpt,
+    data: Optional[str] = DataOpt,
     device: str = typer.Option("auto", "--device"),
     batch_size: int = typer.Option(64, "--batch-size", "-b"),
     workers: int = typer.Option(2, "--workers", "-j"),
@@ -194,6 +200,7 @@ def eval_(
     from lcdistill.trainer import setup_runtime
     import torch
 
+    need_data(data)
     runtime = setup_runtime({"device": device, "amp_dtype": "float32", "channels_last": False, "deterministic": False})
     student = evaluate.load_target(target)
     meta = student["meta"]
@@ -297,7 +304,7 @@ def list_recipes():
 
     table = Table(title="shipped recipes (use --student NAME)")
     for col in ("name", "model", "method", "epochs", "params (1000 classes)"):
-        table.add_column(col)
+        table.add_column(col, no_wrap=col in ("name", "model"))
     for name, path in recipes.list_recipes().items():
         r = recipes.build([recipes.read_yaml(path)])
         s = r["student"]
@@ -307,8 +314,79 @@ def list_recipes():
     console_for().print(table)
 
 
+@app.command()
+@user_errors
+def lipschitz(
+    target: str = typer.Argument(..., help="Run folder, student .safetensors, or model name."),
+    data: Optional[str] = DataOpt,
+    teacher: Optional[str] = typer.Option(None, "--teacher", help="Teacher to compare with (default: the run's own teacher)."),
+    teacher_weights: Optional[str] = typer.Option(None, "--teacher-weights"),
+    no_teacher: bool = typer.Option(False, "--no-teacher", help="Report the model alone."),
+    batches: int = typer.Option(4, "--batches", help="Val batches to average over."),
+    batch_size: int = typer.Option(64, "--batch-size", "-b"),
+    min_stride: int = typer.Option(4, "--min-stride"),
+    device: str = typer.Option("auto", "--device"),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
+):
+    """Per-stage transmitting-matrix spectral norms (model, teacher, gap) and the per-layer upper bound."""
+    from lcdistill import lipschitz_report, models
+    from lcdistill.data import ImageDataset, eval_loader, scan, transforms
+    from lcdistill.trainer import setup_runtime
+
+    need_data(data)
+    runtime = setup_runtime({"device": device, "amp_dtype": "float32", "channels_last": False, "deterministic": False})
+    _, val = scan(data)
+    n = len(val.classes)
+    model = models.resolve(target, n, pretrained=False) if not Path(target).exists() else models.load_run(Path(target))
+    meta = model.meta or {"input_size": model.data_config["input_size"], **model.data_config}
+    t = None
+    if not no_teacher:
+        if teacher:
+            t = models.resolve(teacher, n, weights=teacher_weights)
+        elif model.meta.get("teacher"):
+            t = models.rebuild(model.meta["teacher"]["spec"], n)
+    settings = {"scale": [0.08, 1.0], "ratio": [0.75, 1.33], "hflip": 0.0, "color_jitter": 0.0, "auto_augment": None}
+    size = meta["input_size"]
+    loader = eval_loader(ImageDataset(val, transforms(size[-1], {**model.data_config, **meta}, settings, False)), batch_size, 0)
+    try:
+        result = lipschitz_report.report(model.model, model.data_config, t.model if t else None, t.data_config if t else None,
+                                         loader, runtime.device, size, min_stride, batches)
+    except ValueError as e:
+        raise UserError(f"lipschitz: {e}", "pass --min-stride 2, or a CNN with stride-separated stages") from None
+    result.update(model=model.origin, teacher=t.origin if t else None)
+    if json_out:
+        print(json.dumps(result))
+        return
+    table = Table(title=f"transmitting-matrix spectral norms on {data}/val ({batches} batches)")
+    for col in ("stages", "model", "teacher", "gap"):
+        table.add_column(col, justify="left" if col == "stages" else "right")
+    for row in result["stages"]:
+        f = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+        table.add_row(f"{row['name']}  ({' -> '.join(row['model_stages'])})", f(row["model"]), f(row["teacher"]), f(row["gap"]))
+    console = console_for()
+    console.print(table)
+    ub = result["upper_bound"]
+    console.print(f"per-layer upper bound (product of exact layer norms, BN folded): {ub:.3e}" if ub else "per-layer upper bound: 0 or overflow")
+
+
 def main() -> None:
-    app()
+    """Entry point: usage errors too become one line on stderr and exit 2."""
+    try:
+        code = app(standalone_mode=False)
+    except Exception as e:  # click's and typer's own (vendored) usage errors share no importable base
+        kind = type(e).__name__
+        if kind == "NoArgsIsHelpError":
+            e.show()
+            sys.exit(0)
+        if kind == "Abort":
+            fail("interrupted", 130)
+        if not (hasattr(e, "format_message") and hasattr(e, "exit_code")):
+            raise
+        ctx = getattr(e, "ctx", None)
+        where = f"lcdistill {ctx.info_name}" if ctx is not None and ctx.parent is not None else "lcdistill"
+        typer.echo(f"error: {e.format_message()} (see `{where} --help`)", err=True)
+        sys.exit(e.exit_code)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

@@ -11,12 +11,12 @@ import itertools
 import os
 import random
 import signal
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from lcdistill.errors import UserError
@@ -25,12 +25,16 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".t
 # Up to this many images are header-checked before training starts; beyond it a bad
 # file is found when it is first read.
 PRECHECK_LIMIT = 50_000
+# What PIL raises for files it cannot decode (UnidentifiedImageError is an OSError; a
+# header claiming billions of pixels is a DecompressionBombError, a plain Exception).
+DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
 
 
 @dataclass
 class Split:
     classes: list[str]
     samples: list[tuple[str, int]]
+    skipped: list[str] = field(default_factory=list)  # unreadable files left out (--skip-bad-images)
 
 
 def _images_under(folder: Path) -> list[str]:
@@ -76,19 +80,39 @@ def check_image(path: str) -> None:
     try:
         with Image.open(path) as im:
             im.size  # noqa: B018 - forces the header parse
-    except (UnidentifiedImageError, OSError, ValueError) as e:
+    except DECODE_ERRORS as e:
         raise UserError(f"unreadable image file {path} ({type(e).__name__})", "delete or replace it, or pass --skip-bad-images") from None
 
 
-def scan(root: str | Path, check: bool = True) -> tuple[Split, Split]:
+def readable(split: Split, root: Path, skip_bad: bool) -> Split:
+    """The split without files whose header cannot be read; raises on the first one unless skip_bad."""
+    kept: list[tuple[str, int]] = []
+    skipped = list(split.skipped)
+    for path, label in split.samples:
+        try:
+            check_image(path)
+        except UserError:
+            if not skip_bad:
+                raise
+            skipped.append(path)
+            continue
+        kept.append((path, label))
+    left = {label for _, label in kept}
+    for index, name in enumerate(split.classes):
+        if index not in left:
+            raise UserError(f"class folder {root / name} has no readable images", "add readable images or remove the folder from train/ and val/")
+    return Split(split.classes, kept, skipped)
+
+
+def scan(root: str | Path, check: bool = True, skip_bad: bool = False) -> tuple[Split, Split]:
+    """train/ and val/ splits; with check (and at most PRECHECK_LIMIT images) every header is read first."""
     root = Path(root)
     if not root.is_dir():
         raise UserError(f"data folder {root} not found", "pass --data DIR holding train/ and val/ (e.g. `lcdistill data digits data/digits`)")
     train = scan_split(root, "train")
     val = scan_split(root, "val", train.classes)
     if check and len(train.samples) + len(val.samples) <= PRECHECK_LIMIT:
-        for path, _ in itertools.chain(train.samples, val.samples):
-            check_image(path)
+        train, val = readable(train, root / "train", skip_bad), readable(val, root / "val", skip_bad)
     return train, val
 
 
@@ -135,7 +159,7 @@ class ImageDataset(Dataset):
             path, label = self.samples[(index + attempt) % len(self.samples)]
             try:
                 image = load_rgb(path)
-            except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+            except DECODE_ERRORS as e:
                 if not self.skip_bad:
                     raise UserError(f"unreadable image file {path} ({type(e).__name__}: {e})", "delete or replace it, or pass --skip-bad-images") from None
                 continue  # take the next readable sample in its place
@@ -196,15 +220,23 @@ def init_worker(_worker_id: int) -> None:
     torch.set_num_threads(1)
 
 
+def _own_generator(seed: int) -> torch.Generator:
+    # Each DataLoader iterator draws a worker base seed; from the global stream that draw
+    # would shift dropout & co. of a run resumed mid-epoch. Augmentation is seeded per sample.
+    return torch.Generator().manual_seed(seed)
+
+
 def train_loader(dataset: ImageDataset, batch_size: int, workers: int, seed: int, world: int, rank: int, pin: bool) -> DataLoader:
     sampler = ResumableSampler(len(dataset), seed, world, rank)
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, pin_memory=pin, drop_last=True, worker_init_fn=init_worker)
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, pin_memory=pin, drop_last=True,
+                      worker_init_fn=init_worker, generator=_own_generator(seed))
 
 
 def eval_loader(dataset: Dataset, batch_size: int, workers: int, world: int = 1, rank: int = 0, pin: bool = False) -> DataLoader:
     # A plain shard per rank (no padding), so summed counts cover every image once.
     shard = torch.utils.data.Subset(dataset, list(range(rank, len(dataset), world)))
-    return DataLoader(shard, batch_size=batch_size, shuffle=False, num_workers=workers, pin_memory=pin, worker_init_fn=init_worker)
+    return DataLoader(shard, batch_size=batch_size, shuffle=False, num_workers=workers, pin_memory=pin, worker_init_fn=init_worker,
+                      generator=_own_generator(0))
 
 
 def normalize(images: torch.Tensor, mean, std) -> torch.Tensor:
@@ -214,25 +246,40 @@ def normalize(images: torch.Tensor, mean, std) -> torch.Tensor:
 
 
 def write_digits(out: str | Path, seed: int = 0, val_fraction: float = 0.2) -> tuple[int, int]:
-    """scikit-learn's bundled handwritten digits as an ImageFolder of 32x32 RGB PNGs, split per class."""
+    """scikit-learn's bundled handwritten digits as an ImageFolder of 32x32 RGB PNGs, split per class.
+
+    Written into a hidden sibling folder and renamed into place at the end, so OUT is
+    either complete or absent."""
+    import shutil
+    import tempfile
+
     from sklearn.datasets import load_digits
 
-    from lcdistill.checkpoint import atomic_write
-
     out = Path(out)
-    if (out / "train").exists() or (out / "val").exists():
-        raise UserError(f"{out} already holds train/ or val/", "choose an empty folder or delete it first")
-    digits = load_digits()
-    rng = np.random.RandomState(seed)
-    counts = [0, 0]
-    for label in range(10):
-        idx = np.flatnonzero(digits.target == label)
-        rng.shuffle(idx)
-        n_val = int(round(len(idx) * val_fraction))
-        for k, i in enumerate(idx):
-            split = "val" if k < n_val else "train"
-            counts[split == "val"] += 1
-            pixels = (digits.images[i] / 16.0 * 255).astype(np.uint8)
-            image = Image.fromarray(pixels, "L").resize((32, 32), Image.BILINEAR).convert("RGB")
-            atomic_write(out / split / str(label) / f"{i:04d}.png", lambda tmp, im=image: im.save(tmp, format="PNG"))
+    if (out / "train").exists() or (out / "val").exists() or (out.exists() and any(out.iterdir())):
+        raise UserError(f"{out} already exists and is not empty", "choose an empty folder or delete it first")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        digits = load_digits()
+        rng = np.random.RandomState(seed)
+        counts = [0, 0]
+        for label in range(10):
+            idx = np.flatnonzero(digits.target == label)
+            rng.shuffle(idx)
+            n_val = int(round(len(idx) * val_fraction))
+            for k, i in enumerate(idx):
+                split = "val" if k < n_val else "train"
+                counts[split == "val"] += 1
+                pixels = (digits.images[i] / 16.0 * 255).astype(np.uint8)
+                image = Image.fromarray(pixels, "L").resize((32, 32), Image.BILINEAR).convert("RGB")
+                folder = staging / split / str(label)
+                folder.mkdir(parents=True, exist_ok=True)
+                image.save(folder / f"{i:04d}.png", format="PNG")
+        if out.exists():
+            out.rmdir()  # empty, checked above
+        os.replace(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     return counts[0], counts[1]

@@ -81,6 +81,25 @@ def file_size(path: str | None) -> int | None:
     return os.path.getsize(path) if path and os.path.isfile(path) else None
 
 
+def check_batch(x, meta: dict) -> torch.Tensor:
+    """x as the float32 [N, C, H, W] batch the model was exported for, or a UserError saying what is off."""
+    from lcdistill.errors import UserError
+
+    want = [int(v) for v in meta["input_size"]]
+    shape = list(x.shape) if isinstance(x, torch.Tensor) else None
+    if shape is None or len(shape) != 4 or shape[1:] != want:
+        got = f"shape {shape}" if shape is not None else f"a {type(x).__name__}"
+        raise UserError(f"the model takes a [N, {', '.join(map(str, want))}] tensor, got {got}",
+                        f"resize images to {want[1]}x{want[2]} with {want[0]} channels and stack them into one batch")
+    if not x.is_floating_point():  # uint8 pixels would run (ONNX casts) and give silent garbage
+        raise UserError(f"the model takes float input, got {x.dtype}", "scale to [0, 1] and normalise with the model's mean/std")
+    return x.float()
+
+
+def _checked(predict: Callable, meta: dict) -> Callable:
+    return lambda x: predict(check_batch(x, meta))
+
+
 def load_target(path: str) -> dict:
     """A run folder, student .safetensors, .onnx or TorchScript .pt as {predict, meta, module, file}."""
     from pathlib import Path
@@ -92,16 +111,16 @@ def load_target(path: str) -> dict:
     if p.suffix == ".onnx" and p.is_file():
         meta = export.read_onnx_metadata(p)
         session = export.onnx_session(p)
-        return {"kind": "onnx", "predict": lambda x: export.run_onnx(session, x), "meta": meta, "module": None, "file": str(p)}
+        return {"kind": "onnx", "predict": _checked(lambda x: export.run_onnx(session, x), meta), "meta": meta, "module": None, "file": str(p)}
     if p.suffix in (".pt", ".ts") and p.is_file():
         meta = export.read_torchscript_metadata(p)
         with export.quiet_jit():
             scripted = torch.jit.load(str(p)).eval()
-        return {"kind": "torchscript", "predict": scripted, "meta": meta, "module": scripted, "file": str(p)}
+        return {"kind": "torchscript", "predict": _checked(scripted, meta), "meta": meta, "module": scripted, "file": str(p)}
     if models.is_run(p) or (p.suffix == ".safetensors" and p.is_file()):
         loaded = models.load_run(p)
         weights = p / models.MODEL_FILE if p.is_dir() else p
-        return {"kind": "pytorch", "predict": loaded.model.eval(), "meta": loaded.meta, "module": loaded.model.eval(), "file": str(weights)}
+        return {"kind": "pytorch", "predict": _checked(loaded.model.eval(), loaded.meta), "meta": loaded.meta, "module": loaded.model.eval(), "file": str(weights)}
     raise UserError(f"{path} is not a run folder, student .safetensors, .onnx or TorchScript file", "pass the --out folder of `lcdistill compress`/`train`, or a file written by `lcdistill export`")
 
 

@@ -161,13 +161,19 @@ def build(arch: dict, num_classes: int, pretrained: bool = False, flag: str = "-
     return model
 
 
-def load_into(model: nn.Module, state: dict[str, torch.Tensor], what: str, num_classes: int) -> None:
-    """Load a state dict, turning a classifier-size mismatch into the 'train it first' advice."""
+def load_into(model: nn.Module, state: dict[str, torch.Tensor], what: str, num_classes: int, keep_head: bool = True) -> None:
+    """Load a state dict, turning a classifier-size mismatch into the 'train it first' advice.
+
+    keep_head=False (a student being fine-tuned) keeps the new head instead of the file's."""
     own = model.state_dict()
     mismatched = [k for k in state if k in own and own[k].shape != state[k].shape]
+    head_only = bool(mismatched) and all(state[k].shape[0] != own[k].shape[0] and own[k].shape[0] == num_classes for k in mismatched)
+    if head_only and not keep_head:
+        state = {**{k: v for k, v in state.items() if k not in mismatched}, **{k: own[k] for k in mismatched}}
+        mismatched = []
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
-    if mismatched and all(state[k].shape[0] != own[k].shape[0] and own[k].shape[0] == num_classes for k in mismatched):
+    if mismatched and head_only:
         got = state[mismatched[0]].shape[0]
         raise UserError(
             f"{what} has {got} classes but the data has {num_classes}",
@@ -228,8 +234,12 @@ def load_run(path: Path) -> Loaded:
     return Loaded(model, meta["arch"], meta["num_classes"], cfg, str(path), {"run": str(path.resolve())}, meta.get("classes"), meta)
 
 
-def resolve(spec: str, num_classes: int, weights: str | None = None, pretrained: bool = True, flag: str = "--teacher-weights", kwargs: dict | None = None) -> Loaded:
-    """A model from a run folder, a student weights file, or NAME [+ weights file | hub weights]."""
+def resolve(spec: str, num_classes: int, weights: str | None = None, pretrained: bool = True, flag: str = "--teacher-weights",
+            kwargs: dict | None = None, keep_head: bool = True) -> Loaded:
+    """A model from a run folder, a student weights file, or NAME [+ weights file | hub weights].
+
+    keep_head: the weights' classifier must fit the data (a teacher); False gives a student
+    a fresh head for the data's classes on top of weights trained for other classes."""
     path = Path(spec)
     if path.is_dir():
         return load_run(path)
@@ -239,11 +249,11 @@ def resolve(spec: str, num_classes: int, weights: str | None = None, pretrained:
     arch = {"source": resolve_source(source, name), "name": name, "kwargs": dict(kwargs or {})}
     if weights:
         model = build(arch, num_classes)
-        load_into(model, load_weights(Path(weights)), f"weights file {weights}", num_classes)
+        load_into(model, load_weights(Path(weights)), f"weights file {weights}", num_classes, keep_head)
         origin = f"{arch['source']}:{name} + {weights}"
         rebuild = {**arch, "weights": str(Path(weights).resolve())}
     else:
-        if pretrained and num_classes != 1000:
+        if pretrained and keep_head and num_classes != 1000:
             raise UserError(
                 f"{arch['source']}:{name} comes with 1000 ImageNet classes but the data has {num_classes}",
                 f"pass {flag} FILE with weights for these {num_classes} classes, or fine-tune it on this data first"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,7 +53,7 @@ def student_spec(student: dict) -> str:
 
 def prepare(recipe: dict, data_dir: str, teacher: str | None, teacher_weights: str | None, out: str | None, resume: bool = False) -> Prepared:
     runtime = setup_runtime(recipe["train"])
-    train_split, val_split = data.scan(data_dir)
+    train_split, val_split = data.scan(data_dir, skip_bad=recipe["data"]["skip_bad_images"])
     classes = train_split.classes
     method = METHODS[recipe["method"]]
     loaded_teacher = None
@@ -67,7 +68,8 @@ def prepare(recipe: dict, data_dir: str, teacher: str | None, teacher_weights: s
             )
     torch.manual_seed(recipe["train"]["seed"])
     s = recipe["student"]
-    student = models.resolve(student_spec(s), len(classes), weights=s["weights"], pretrained=s["pretrained"], flag="--set student.weights=", kwargs=s["kwargs"])
+    student = models.resolve(student_spec(s), len(classes), weights=s["weights"], pretrained=s["pretrained"],
+                             flag="--weights (student.weights in a recipe)", kwargs=s["kwargs"], keep_head=False)
     if recipe["train"]["sync_bn"] and runtime.world > 1:
         student.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(student.model)
     # Unset sizes follow a teacher run (it was trained at them), else the student's own config.
@@ -77,10 +79,26 @@ def prepare(recipe: dict, data_dir: str, teacher: str | None, teacher_weights: s
     recipe["data"]["input_size"], recipe["data"]["crop_pct"] = int(input_size), float(crop_pct)
     student.data_config["crop_pct"] = float(crop_pct)
     run_dir = Path(out) if out else default_run_dir(recipe)
+    check_writable(run_dir)
     if not resume and run_dir.exists() and any(run_dir.iterdir()):
         raise UserError(f"run folder {run_dir} already exists and is not empty", f"continue it with --resume {run_dir}, or choose another --out")
-    inputs = {"data": str(Path(data_dir).resolve()), "teacher": teacher, "teacher_weights": teacher_weights, "classes": classes}
+    inputs = {"data": str(Path(data_dir).resolve()), "teacher": teacher, "teacher_weights": teacher_weights, "classes": classes,
+              "skipped_files": train_split.skipped + val_split.skipped}
     return Prepared(recipe, inputs, train_split, val_split, student, loaded_teacher, int(input_size), run_dir, runtime)
+
+
+def check_writable(run_dir: Path) -> None:
+    """Fail before training, not at the first checkpoint, when the run folder cannot be written."""
+    probe_in = run_dir
+    while not probe_in.exists() and probe_in != probe_in.parent:
+        probe_in = probe_in.parent
+    fix = "choose another --out in a folder you can write to"
+    if not probe_in.is_dir():
+        raise UserError(f"run folder {run_dir} cannot be created: {probe_in} is not a folder", fix)
+    try:  # a real write: os.access says yes to root on read-only mounts and no to some ACLs
+        tempfile.TemporaryDirectory(dir=probe_in, prefix=".lcdistill-probe-").cleanup()
+    except OSError as e:
+        raise UserError(f"run folder {run_dir} cannot be written ({e.strerror or type(e).__name__} in {probe_in})", fix) from None
 
 
 def load_resume(run_dir: str) -> tuple[dict, dict]:
@@ -105,7 +123,7 @@ def run(p: Prepared, console: Console, resume: bool = False) -> dict:
     rt = p.runtime
     distiller = build_distiller(p)
     train_set = data.ImageDataset(p.train_split, data.transforms(p.input_size, p.student.data_config, p.recipe["data"], True), p.recipe["train"]["seed"], p.recipe["data"]["skip_bad_images"])
-    val_set = data.ImageDataset(p.val_split, data.transforms(p.input_size, p.student.data_config, p.recipe["data"], False))
+    val_set = data.ImageDataset(p.val_split, data.transforms(p.input_size, p.student.data_config, p.recipe["data"], False), skip_bad=p.recipe["data"]["skip_bad_images"])
     trainer = Trainer(distiller, p.recipe, train_set, val_set, p.run_dir, rt, console)
     created = False
     if rt.world > 1:
@@ -120,23 +138,29 @@ def run(p: Prepared, console: Console, resume: bool = False) -> dict:
         trainer.resume_from(p.run_dir / "checkpoints" / LAST)
         console.print(f"resuming {p.run_dir} at epoch {trainer.epoch + 1}, step {trainer.step_in_epoch}")
     if rt.main:
-        console.print(f"[bold]{p.recipe['method']}[/]: student {p.student.origin} ({p.student.params / 1e6:.2f}M params)"
+        role = "student" if p.teacher else "model"
+        console.print(f"[bold]{p.recipe['method']}[/]: {role} {p.student.origin} ({p.student.params / 1e6:.2f}M params)"
                       + (f" <- teacher {p.teacher.origin} ({p.teacher.params / 1e6:.2f}M)" if p.teacher else "")
                       + f", {len(p.train_split.samples)} train / {len(p.val_split.samples)} val images, {len(p.train_split.classes)} classes, {p.input_size}px, {rt.device}")
         for line in getattr(distiller, "describe", lambda: [])():
             console.print(f"  pair {line}")
+        skipped = p.train_split.skipped + p.val_split.skipped
+        if skipped:
+            console.print(f"skipped {len(skipped)} unreadable image files (--skip-bad-images), e.g. {skipped[0]}")
     try:
         last = trainer.fit()
-    except TrainingStopped:
-        raise
     except BaseException:
-        # Nothing worth keeping yet: leave no half-made run folder behind.
+        # Nothing worth keeping yet (no checkpoint to resume): leave no half-made run folder behind.
         if rt.main and created and not (p.run_dir / "checkpoints" / LAST).exists():
             shutil.rmtree(p.run_dir, ignore_errors=True)
         raise
     summary = {"student": {"top1": last.get("ema_top1", last["val_top1"]), "top5": last.get("ema_top5", last["val_top5"])}}
     if rt.main:
-        summary = finish(p, trainer, console)
+        try:
+            summary = finish(p, trainer, console)
+        except OSError as e:  # disk full, folder removed: the last checkpoint still holds everything
+            raise TrainingStopped(f"could not write the student to {p.run_dir} ({e.strerror or e})",
+                                  f"free disk space, then finish with `lcdistill compress --resume {p.run_dir}`") from None
     if rt.world > 1:
         dist.barrier()
     return summary
@@ -149,7 +173,7 @@ def finish(p: Prepared, trainer: Trainer, console: Console) -> dict:
     size = [3, p.input_size, p.input_size]
     top1, top5 = last.get("ema_top1", last["val_top1"]), last.get("ema_top5", last["val_top5"])
     teacher_entry = None
-    rows = [("student", p.student.origin, top1, top5, p.student.params, flops(student, size))]
+    rows = [("student" if p.teacher else "model", p.student.origin, top1, top5, p.student.params, flops(student, size))]
     if p.teacher is not None:
         t = trainer.evaluate(p.teacher.model, (p.teacher.data_config["mean"], p.teacher.data_config["std"]))
         teacher_entry = {"spec": p.teacher.spec, "origin": p.teacher.origin, "top1": t.get("top1"), "top5": t.get("top5"), "params": p.teacher.params}

@@ -162,6 +162,7 @@ class Trainer:
         self.ema = ModelEmaV3(self.student, decay=train["ema_decay"]) if train["ema"] else None
 
         self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
+        self.partial = self._fresh_partial()  # loss sums of the epoch in progress, kept across a resume
         self.best_top1 = -1.0
         self.rows: list[dict] = []
         self.stop_signal: int | None = None
@@ -179,8 +180,13 @@ class Trainer:
             "global_step": self.global_step,
             "best_top1": self.best_top1,
             "rows": self.rows,
+            "partial": {"sums": {k: float(v) for k, v in self.partial["sums"].items()}, "skipped": self.partial["skipped"]},
             "rng": rng_state(),
         }
+
+    @staticmethod
+    def _fresh_partial() -> dict:
+        return {"sums": {}, "skipped": 0}
 
     def load(self, state: dict) -> None:
         self.trainable.load_state_dict(state["trainable"])
@@ -193,18 +199,50 @@ class Trainer:
         self.epoch, self.step_in_epoch, self.global_step = state["epoch"], state["step_in_epoch"], state["global_step"]
         self.best_top1 = state["best_top1"]
         self.rows = state["rows"]
+        self.partial = state.get("partial") or self._fresh_partial()
         set_rng_state(state["rng"])
 
     def resume_from(self, path: Path) -> None:
         self.load(load_state(path))
+        if self.runtime.main:
+            self._trim_metrics()
+            for stale in self.checkpoint_dir.glob(".*.tmp"):  # a write cut short by SIGKILL
+                stale.unlink(missing_ok=True)
+
+    def _trim_metrics(self) -> None:
+        """Drop metrics logged after the checkpoint: the resumed run logs those steps again."""
+        path = self.run_dir / "metrics.jsonl"
+        if not path.is_file():
+            return
+        kept = []
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:  # a line cut short by a kill
+                continue
+            if record.get("step", 0) <= self.global_step and record.get("epoch_end", 0) <= self.epoch:
+                kept.append(line + "\n")
+        atomic_write_text(path, "".join(kept))
 
     @property
     def checkpoint_dir(self) -> Path:
         return self.run_dir / "checkpoints"
 
     def save_checkpoint(self) -> None:
-        if self.runtime.main:
-            save_state(self.checkpoint_dir / LAST, self.state())
+        # A finite loss can still leave inf/nan weights: never let them replace a good checkpoint.
+        if not all(torch.isfinite(t).all() for t in self.trainable.state_dict().values() if t.is_floating_point()):
+            self._nonfinite("the weights became non-finite", self.global_step)
+        if not self.runtime.main:
+            return
+        path = self.checkpoint_dir / LAST
+        try:
+            save_state(path, self.state())
+        except OSError as e:  # disk full, folder gone: the rename never happened, so the old file stands
+            if path.exists():
+                fix = f"the previous checkpoint is intact: free disk space and continue with `lcdistill compress --resume {self.run_dir}`"
+            else:
+                fix = "free disk space and start again"
+            raise TrainingStopped(f"could not write checkpoint {path} ({e.strerror or e})", fix) from None
 
     def final_student(self) -> nn.Module:
         """The weights a user ships: the EMA copy when EMA is on, else the student."""
@@ -242,10 +280,13 @@ class Trainer:
             exit_code=code,
         )
 
-    def _nonfinite(self, value: float) -> None:
+    def _nonfinite(self, what: str, step: int) -> None:
+        """Stop naming the step (1-based, as in metrics.jsonl) and where the last good state is."""
+        last = self.checkpoint_dir / LAST
+        kept = f"the last good checkpoint stays in {last}" if last.exists() else "no checkpoint was written (--checkpoint-every N keeps some)"
         raise TrainingStopped(
-            f"loss became {value} at step {self.global_step} (epoch {self.epoch + 1}); the last good checkpoint stays in {self.checkpoint_dir}",
-            "lower --lr, train in float32 (--set train.amp_dtype=float32), or set --max-grad-norm 1.0",
+            f"training diverged: {what} at step {step} (epoch {self.epoch + 1}); {kept}",
+            "lower --lr, set --max-grad-norm 1.0, or train in float32 (--amp-dtype float32)",
         )
 
     def train_epoch(self) -> None:
@@ -253,8 +294,8 @@ class Trainer:
         self.train_set.set_epoch(self.epoch)
         self.loader.sampler.set_epoch(self.epoch, skip=self.step_in_epoch * self.local_batch)
         self.distiller.train()
-        sums: dict[str, torch.Tensor] = {}
-        seen, skipped, start = 0, 0, time.perf_counter()
+        sums = self.partial["sums"]
+        seen, start = 0, time.perf_counter()
         progress = Progress(
             TextColumn(f"epoch {self.epoch + 1}/{self.epochs}"), BarColumn(), MofNCompleteColumn(),
             TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
@@ -271,7 +312,7 @@ class Trainer:
                     _, losses = self.model(images, targets)
                 loss = sum(losses.values())
                 if rt.device.type == "cpu" and not math.isfinite(loss.item()):
-                    self._nonfinite(loss.item())
+                    self._nonfinite(f"the loss became {loss.item()}", self.global_step + 1)
                 self.optimizer.zero_grad(set_to_none=True)
                 if self.scaler:
                     self.scaler.scale(loss).backward()
@@ -293,12 +334,12 @@ class Trainer:
                 for name, value in {"loss": loss, **losses}.items():
                     sums[name] = sums.get(name, 0.0) + value.detach().float()
                 seen += images.shape[0]
-                skipped += int(bad.sum())
+                self.partial["skipped"] += int(bad.sum())
                 if self.step_in_epoch % self.log_every == 0 or self.step_in_epoch == self.steps_per_epoch:
                     current = {k: v.item() for k, v in losses.items()}
                     current["loss"] = loss.item()
                     if not math.isfinite(current["loss"]):
-                        self._nonfinite(current["loss"])
+                        self._nonfinite(f"the loss became {current['loss']}", self.global_step)
                     rate = seen * rt.world / max(time.perf_counter() - start, 1e-9)
                     info = f"loss {current['loss']:.4f}  {rate:,.0f} img/s"
                     progress.update(task, advance=0, info=info)
@@ -311,7 +352,7 @@ class Trainer:
         n = max(self.step_in_epoch, 1)
         self.epoch_losses = {k: (v / n).item() for k, v in sums.items()}
         self.epoch_rate = seen * rt.world / max(time.perf_counter() - start, 1e-9)
-        self.epoch_skipped = skipped
+        self.epoch_skipped = self.partial["skipped"]
 
     @property
     def lr(self) -> float:
@@ -339,6 +380,7 @@ class Trainer:
         self.rows.append(row)
         self.epoch += 1
         self.step_in_epoch = 0
+        self.partial = self._fresh_partial()
         top1 = row.get("ema_top1", row["val_top1"])
         if self.runtime.main:
             if top1 > self.best_top1:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import FAST, assert_user_error, cli_ok, cli_process, subset
+from conftest import FAST, assert_user_error, cli_ok, cli_process, subprocess_env, subset
 
 STUDENT = ["--student", "mobilenetv2_050"]
 
@@ -164,7 +164,7 @@ def thousand_classes(digits, tmp_path_factory) -> Path:
 def test_hub_teacher_offline_fails_fast(thousand_classes, tmp_path, name):
     out = tmp_path / "run"
     start = time.monotonic()
-    proc = compress(thousand_classes, name, out, env=None, timeout=60)
+    proc = compress(thousand_classes, name, out, env=subprocess_env(LCDISTILL_OFFLINE="1"), timeout=60)
     took = time.monotonic() - start
     assert_user_error(proc, "--teacher-weights", "unreachable", run_dir=out)
     assert took < 15, f"took {took:.1f} s"
@@ -173,7 +173,7 @@ def test_hub_teacher_offline_fails_fast(thousand_classes, tmp_path, name):
 def test_hub_teacher_with_other_class_count_offline(small_data, tmp_path):
     out = tmp_path / "run"
     start = time.monotonic()
-    proc = compress(small_data, "resnet50", out, timeout=60)
+    proc = compress(small_data, "resnet50", out, env=subprocess_env(LCDISTILL_OFFLINE="1"), timeout=60)
     assert_user_error(proc, "--teacher-weights", "1000", "lcdistill train", run_dir=out)
     assert time.monotonic() - start < 15
 

@@ -13,13 +13,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import yaml
 from PIL import Image
 
-from conftest import FAST, VAL_PER_CLASS, cli, cli_ok, cli_process, subprocess_env
+from conftest import EVAL, FAST, VAL_PER_CLASS, cli, cli_ok, cli_process, subprocess_env
 from lcdistill import models, recipe as recipes
 from lcdistill.checkpoint import load_state, load_weights
 
@@ -207,7 +206,7 @@ def test_compress_refuses_a_nonempty_run_folder(compress_run, teacher_run, small
 
 # ---- eval ----------------------------------------------------------------------------------------
 def eval_json(target, data, *extra) -> dict:
-    result = cli_ok("eval", target, "--data", data, "--json", "--workers", "0", "--batch-size", "16", *extra)
+    result = cli_ok("eval", target, "--data", data, "--json", *EVAL, "--batch-size", "16", *extra)
     lines = [line for line in result.stdout.splitlines() if line.strip()]
     assert len(lines) == 1, f"stdout is not one JSON line:\n{result.stdout}"
     return json.loads(lines[0])
@@ -247,6 +246,19 @@ def test_eval_refuses_data_with_other_classes(compress_run, small_data, tmp_path
     from conftest import subset
 
     other = subset(small_data, tmp_path / "three", 2, 2, ["0", "1", "2"])
-    result = cli("eval", compress_run("ce"), "--data", other, "--workers", "0")
+    result = cli("eval", compress_run("ce"), "--data", other, *EVAL)
     assert result.exit_code == 2 and "classes" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.gpu
+def test_compress_and_eval_on_cuda(teacher_run, small_data, tmp_path):
+    # the CUDA path: bf16 autocast, channels_last, pinned loaders; the student still exports and evaluates
+    out = tmp_path / "run"
+    flags = FAST[: FAST.index("--device")] + ["--device", "cuda"]
+    cli_ok("compress", "--teacher", teacher_run, "--student", "mobilenetv2_050", "--data", small_data, "--method", "london", *flags, "--out", out)
+    row = next(csv.DictReader(open(out / "summary.csv")))
+    assert all(math.isfinite(float(row[k])) for k in ("loss", "ce", "kd", "lip"))
+    assert yaml.safe_load((out / "recipe.yaml").read_text())["train"]["device"] == "cuda"
+    result = eval_json(out, small_data, "--device", "cuda")
+    assert 0 <= result["student"]["top1"] <= 100 and "cuda" in result["student"]["device"]

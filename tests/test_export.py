@@ -11,7 +11,7 @@ import onnx
 import pytest
 import torch
 
-from conftest import cli, cli_ok
+from conftest import EVAL, cli, cli_ok
 from lcdistill import export, models
 from lcdistill.data import ImageDataset, eval_loader, normalize, scan, transforms
 from lcdistill.errors import UserError
@@ -93,8 +93,8 @@ def test_exported_files_match_pytorch(exported, small_data, batch):
 @pytest.mark.parametrize("name", ["student.onnx", "student.pt"])
 def test_eval_of_exported_files_matches_the_run(exported, small_data, name):
     run, out, _ = exported
-    reference = cli_ok("eval", run, "--data", small_data, "--json", "--workers", "0", "--no-teacher")
-    result = cli_ok("eval", out / name, "--data", small_data, "--json", "--workers", "0")
+    reference = cli_ok("eval", run, "--data", small_data, "--json", *EVAL, "--no-teacher")
+    result = cli_ok("eval", out / name, "--data", small_data, "--json", *EVAL)
     ref, got = json.loads(reference.stdout)["student"], json.loads(result.stdout)
     assert set(got) == {"student"}  # an exported file knows no teacher
     got = got["student"]
@@ -107,9 +107,12 @@ def test_eval_of_exported_files_matches_the_run(exported, small_data, name):
 
 def test_export_single_format_and_safetensors_target(compress_run, tmp_path):
     run = compress_run("ce")
-    result = cli_ok("export", run / "student.safetensors", "--format", "onnx", "--out", tmp_path)
-    assert (tmp_path / "student.onnx").is_file() and not (tmp_path / "student.pt").exists()
-    assert "onnx:" in result.stdout and "torchscript:" not in result.stdout
+    result = cli_ok("export", run / "student.safetensors", "--format", "torchscript", "--out", tmp_path)
+    assert (tmp_path / "student.pt").is_file() and not (tmp_path / "student.onnx").exists()
+    assert "torchscript:" in result.stdout and "onnx:" not in result.stdout
+    assert export.read_torchscript_metadata(tmp_path / "student.pt")["classes"] == [str(i) for i in range(10)]
+    # the run's own val images were used for the parity check (run.json names the data)
+    assert "val images from" in result.stdout
 
 
 def test_export_unknown_format(compress_run, tmp_path):

@@ -1,0 +1,77 @@
+"""LONDON distiller: gradient reaches student and connectors, never the teacher; pairing errors."""
+
+import copy
+
+import pytest
+import timm
+import torch
+
+from lcdistill import recipe as recipes
+from lcdistill.errors import UserError
+from lcdistill.methods import METHODS
+
+CFG = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+
+
+def make(method="london", teacher_name="resnet18", **sets):
+    layers = [{"student": {"name": "mobilenetv2_050"}, "method": method}] + [recipes.parse_override(f"{k}={v}") for k, v in sets.items()]
+    recipe = recipes.build(layers)
+    torch.manual_seed(0)
+    student = timm.create_model("mobilenetv2_050", num_classes=10)
+    teacher = timm.create_model(teacher_name, num_classes=10)
+    return METHODS[method](student, teacher, recipe, CFG, CFG)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_lipschitz_term_trains_student_and_connectors_not_teacher():
+    distiller = make(**{"loss.ce": 0, "kd.weight": 0})  # only the Lipschitz term
+    teacher_before = copy.deepcopy(distiller.teacher.state_dict())
+    distiller.train()
+    images, targets = torch.rand(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    _, losses = distiller(images, targets)
+    assert set(losses) == {"ce", "lip"} and losses["lip"] > 0
+    sum(losses.values()).backward()
+    student_grads = [p.grad for p in distiller.student.parameters() if p.grad is not None]
+    assert student_grads and sum(g.abs().sum() for g in student_grads) > 0
+    # every connector receives gradient: each is part of at least one transmitting matrix
+    for conn in distiller.connectors:
+        assert conn[0].weight.grad is not None and conn[0].weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in distiller.teacher.parameters())
+    assert not distiller.teacher.training  # teacher BN statistics must not drift
+    for k, v in distiller.teacher.state_dict().items():
+        assert torch.equal(v, teacher_before[k]), k
+
+
+def test_alpha_scales_the_term_and_zero_alpha_removes_it():
+    images, targets = torch.rand(4, 3, 32, 32), torch.randint(0, 10, (4,))
+    one = make(**{"london.alpha": 1.0}).train()(images, targets)[1]["lip"]
+    three = make(**{"london.alpha": 3.0}).train()(images, targets)[1]["lip"]
+    torch.testing.assert_close(three, 3 * one)
+    assert "lip" not in make(**{"london.alpha": 0}).train()(images, targets)[1]
+
+
+def test_default_pairs_are_by_stride_deeper_weighted_more():
+    distiller = make()
+    assert [s.stride for s, _ in distiller.pairs] == [4, 8, 16, 32]
+    assert [s.stride for s, t in distiller.pairs] == [t.stride for s, t in distiller.pairs]
+    assert distiller.pair_weights.tolist() == [0.25, 0.5, 1.0]
+
+
+def test_pairs_set_in_recipe_are_used():
+    distiller = make(**{"london.pairs": "[[blocks.2, layer2], [blocks.4, layer3], [blocks.6, layer4]]"})
+    assert [(s.name, t.name) for s, t in distiller.pairs] == [("blocks.2", "layer2"), ("blocks.4", "layer3"), ("blocks.6", "layer4")]
+
+
+def test_vit_teacher_is_a_clear_error_for_london_but_works_for_kd():
+    with pytest.raises(UserError, match="kd"):
+        make(teacher_name="vit_tiny_patch16_224")
+    kd = make(method="kd", teacher_name="vit_tiny_patch16_224")
+    _, losses = kd.train()(torch.rand(2, 3, 224, 224), torch.tensor([1, 2]))
+    assert set(losses) == {"ce", "kd"}
