@@ -23,7 +23,7 @@ import torch
 from rich.console import Console
 
 from lcdistill import lipschitz_report, models, pipeline, recipe as recipes
-from lcdistill.data import ImageDataset, eval_loader, scan, transforms, write_digits
+from lcdistill.data import ImageDataset, eval_loader, eval_transform, scan, write_digits
 
 DIGITS = {"data": {"input_size": 32, "hflip": 0.0, "scale": [0.6, 1.0], "crop_pct": 1.0, "workers": 0}}
 
@@ -51,8 +51,7 @@ def lip_gap(run_dir: Path, data: Path) -> list[float]:
     student = models.load_run(run_dir)
     teacher = models.rebuild(student.meta["teacher"]["spec"], student.num_classes)
     _, val = scan(data, check=False)
-    settings = {"scale": [1.0, 1.0], "ratio": [1.0, 1.0], "hflip": 0.0, "color_jitter": 0.0, "auto_augment": None}
-    loader = eval_loader(ImageDataset(val, transforms(32, student.data_config, settings, False)), 128, 0)
+    loader = eval_loader(ImageDataset(val, eval_transform(student.meta)), 128, 0)
     rep = lipschitz_report.report(student.model, student.data_config, teacher.model, teacher.data_config, loader,
                                   torch.device("cpu"), student.meta["input_size"], batches=3)
     rep["upper_bound"] = None  # not needed here

@@ -67,7 +67,9 @@ def overrides(flags: dict, sets: list[str] | None) -> list[dict]:
 
 
 def console_for(json_out: bool = False) -> Console:
-    return Console(stderr=json_out, highlight=False)
+    # Logs and pipes get 120 columns instead of rich's 80, so tables keep whole names.
+    stream = sys.stderr if json_out else sys.stdout
+    return Console(stderr=json_out, highlight=False, width=None if stream.isatty() else 120)
 
 
 # ---- shared training options ------------------------------------------------------------
@@ -196,7 +198,7 @@ def eval_(
 ):
     """Top-1/top-5, params, FLOPs and latency; teacher beside student when the run knows its teacher."""
     from lcdistill import evaluate, models
-    from lcdistill.data import ImageDataset, eval_loader, scan, transforms
+    from lcdistill.data import ImageDataset, eval_loader, eval_transform, scan
     from lcdistill.trainer import setup_runtime
     import torch
 
@@ -207,8 +209,7 @@ def eval_(
     train_split, val_split = scan(data)
     if val_split.classes != meta["classes"]:
         raise UserError(f"the data's classes {val_split.classes[:5]}... differ from the model's {meta['classes'][:5]}...", "evaluate on the data the model was trained for")
-    data_settings = {"scale": [0.08, 1.0], "ratio": [0.75, 1.33], "hflip": 0.0, "color_jitter": 0.0, "auto_augment": None}
-    loader = eval_loader(ImageDataset(val_split, transforms(meta["input_size"][-1], meta, data_settings, False)), batch_size, workers)
+    loader = eval_loader(ImageDataset(val_split, eval_transform(meta)), batch_size, workers)
     results = {"student": evaluate.measure(student, loader, runtime.device, batch_size, meta["mean"], meta["std"])}
     teacher_entry = meta.get("teacher")
     if teacher and teacher_entry:
@@ -253,7 +254,7 @@ def export(
     import torch
 
     from lcdistill import export as exporter, models
-    from lcdistill.data import ImageDataset, eval_loader, scan, transforms
+    from lcdistill.data import ImageDataset, eval_loader, eval_transform, scan
 
     if format not in ("onnx", "torchscript", "all"):
         raise UserError(f"unknown --format '{format}'", "choose onnx, torchscript or all")
@@ -266,8 +267,7 @@ def export(
     data_dir = data or _run_data(path)
     if data_dir:
         _, val = scan(data_dir, check=False)
-        settings = {"scale": [0.08, 1.0], "ratio": [0.75, 1.33], "hflip": 0.0, "color_jitter": 0.0, "auto_augment": None}
-        images = next(iter(eval_loader(ImageDataset(val, transforms(meta["input_size"][-1], meta, settings, False)), 8, 0)))[0]
+        images = next(iter(eval_loader(ImageDataset(val, eval_transform(meta)), 8, 0)))[0]
         from lcdistill.data import normalize
 
         batch, source = normalize(images, meta["mean"], meta["std"]), f"{len(images)} val images from {data_dir}"
@@ -330,7 +330,7 @@ def lipschitz(
 ):
     """Per-stage transmitting-matrix spectral norms (model, teacher, gap) and the per-layer upper bound."""
     from lcdistill import lipschitz_report, models
-    from lcdistill.data import ImageDataset, eval_loader, scan, transforms
+    from lcdistill.data import ImageDataset, eval_loader, eval_transform, scan
     from lcdistill.trainer import setup_runtime
 
     need_data(data)
@@ -345,9 +345,8 @@ def lipschitz(
             t = models.resolve(teacher, n, weights=teacher_weights)
         elif model.meta.get("teacher"):
             t = models.rebuild(model.meta["teacher"]["spec"], n)
-    settings = {"scale": [0.08, 1.0], "ratio": [0.75, 1.33], "hflip": 0.0, "color_jitter": 0.0, "auto_augment": None}
     size = meta["input_size"]
-    loader = eval_loader(ImageDataset(val, transforms(size[-1], {**model.data_config, **meta}, settings, False)), batch_size, 0)
+    loader = eval_loader(ImageDataset(val, eval_transform({**model.data_config, **meta})), batch_size, 0)
     try:
         result = lipschitz_report.report(model.model, model.data_config, t.model if t else None, t.data_config if t else None,
                                          loader, runtime.device, size, min_stride, batches)

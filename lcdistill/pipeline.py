@@ -20,6 +20,7 @@ from rich.table import Table
 
 from lcdistill import data, models, recipe as recipes
 from lcdistill.checkpoint import atomic_write_json, save_weights
+from lcdistill.distributed import replica_check
 from lcdistill.errors import UserError
 from lcdistill.evaluate import flops
 from lcdistill.methods import METHODS
@@ -71,6 +72,8 @@ def prepare(recipe: dict, data_dir: str, teacher: str | None, teacher_weights: s
     student = models.resolve(student_spec(s), len(classes), weights=s["weights"], pretrained=s["pretrained"],
                              flag="--weights (student.weights in a recipe)", kwargs=s["kwargs"], keep_head=False)
     if recipe["train"]["sync_bn"] and runtime.world > 1:
+        if runtime.device.type != "cuda":  # torch's SyncBatchNorm only syncs GPU tensors
+            raise UserError("train.sync_bn needs CUDA GPUs (SyncBatchNorm cannot sync CPU tensors)", "drop --set train.sync_bn=true on CPU; BN statistics are averaged over processes at each epoch end anyway")
         student.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(student.model)
     # Unset sizes follow a teacher run (it was trained at them), else the student's own config.
     teacher_run = loaded_teacher.meta if loaded_teacher is not None else {}
@@ -79,6 +82,10 @@ def prepare(recipe: dict, data_dir: str, teacher: str | None, teacher_weights: s
     recipe["data"]["input_size"], recipe["data"]["crop_pct"] = int(input_size), float(crop_pct)
     student.data_config["crop_pct"] = float(crop_pct)
     run_dir = Path(out) if out else default_run_dir(recipe)
+    if runtime.world > 1 and not out:  # ranks may start in different seconds: all take rank 0's folder name
+        shared = [run_dir]
+        dist.broadcast_object_list(shared, src=0)
+        run_dir = shared[0]
     check_writable(run_dir)
     if not resume and run_dir.exists() and any(run_dir.iterdir()):
         raise UserError(f"run folder {run_dir} already exists and is not empty", f"continue it with --resume {run_dir}, or choose another --out")
@@ -123,7 +130,7 @@ def run(p: Prepared, console: Console, resume: bool = False) -> dict:
     rt = p.runtime
     distiller = build_distiller(p)
     train_set = data.ImageDataset(p.train_split, data.transforms(p.input_size, p.student.data_config, p.recipe["data"], True), p.recipe["train"]["seed"], p.recipe["data"]["skip_bad_images"])
-    val_set = data.ImageDataset(p.val_split, data.transforms(p.input_size, p.student.data_config, p.recipe["data"], False), skip_bad=p.recipe["data"]["skip_bad_images"])
+    val_set = data.ImageDataset(p.val_split, data.eval_transform({**p.student.data_config, "input_size": [3, p.input_size, p.input_size]}), skip_bad=p.recipe["data"]["skip_bad_images"])
     trainer = Trainer(distiller, p.recipe, train_set, val_set, p.run_dir, rt, console)
     created = False
     if rt.world > 1:
@@ -155,9 +162,12 @@ def run(p: Prepared, console: Console, resume: bool = False) -> dict:
             shutil.rmtree(p.run_dir, ignore_errors=True)
         raise
     summary = {"student": {"top1": last.get("ema_top1", last["val_top1"]), "top5": last.get("ema_top5", last["val_top5"])}}
+    # Collectives: every rank takes part, then rank 0 alone writes.
+    replicas = replica_check([trainer.trainable, trainer.ema], rt.world)
+    teacher_val = trainer.evaluate(p.teacher.model, (p.teacher.data_config["mean"], p.teacher.data_config["std"])) if p.teacher else None
     if rt.main:
         try:
-            summary = finish(p, trainer, console)
+            summary = finish(p, trainer, console, teacher_val, replicas)
         except OSError as e:  # disk full, folder removed: the last checkpoint still holds everything
             raise TrainingStopped(f"could not write the student to {p.run_dir} ({e.strerror or e})",
                                   f"free disk space, then finish with `lcdistill compress --resume {p.run_dir}`") from None
@@ -166,8 +176,8 @@ def run(p: Prepared, console: Console, resume: bool = False) -> dict:
     return summary
 
 
-def finish(p: Prepared, trainer: Trainer, console: Console) -> dict:
-    """Write the shippable student and print teacher beside student."""
+def finish(p: Prepared, trainer: Trainer, console: Console, teacher_val: dict | None = None, replicas: dict | None = None) -> dict:
+    """Write the shippable student and print teacher beside student (teacher_val: its accuracy, from all ranks)."""
     student = trainer.final_student()
     last = trainer.rows[-1]
     size = [3, p.input_size, p.input_size]
@@ -175,12 +185,15 @@ def finish(p: Prepared, trainer: Trainer, console: Console) -> dict:
     teacher_entry = None
     rows = [("student" if p.teacher else "model", p.student.origin, top1, top5, p.student.params, flops(student, size))]
     if p.teacher is not None:
-        t = trainer.evaluate(p.teacher.model, (p.teacher.data_config["mean"], p.teacher.data_config["std"]))
+        t = teacher_val or trainer.evaluate(p.teacher.model, (p.teacher.data_config["mean"], p.teacher.data_config["std"]))
         teacher_entry = {"spec": p.teacher.spec, "origin": p.teacher.origin, "top1": t.get("top1"), "top5": t.get("top5"), "params": p.teacher.params}
         rows.insert(0, ("teacher", p.teacher.origin, t["top1"], t["top5"], p.teacher.params, flops(p.teacher.model, size)))
     meta = models.model_meta(p.student, p.train_split.classes, size, {
         "method": p.recipe["method"], "top1": top1, "top5": top5, "teacher": teacher_entry, "epochs": trainer.epoch,
+        **({"ddp": replicas} if replicas else {}),
     })
+    if replicas and not replicas["ranks_identical"]:
+        console.print(f"[bold red]warning[/]: the {replicas['world']} processes ended with different weights (see ddp in {models.META_FILE}); rank 0's are saved")
     save_weights(p.run_dir / models.MODEL_FILE, {k: v for k, v in student.state_dict().items()}, {"lcdistill": meta})
     atomic_write_json(p.run_dir / models.META_FILE, meta)
     table = Table(title=f"{p.run_dir}")
