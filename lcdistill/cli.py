@@ -187,28 +187,36 @@ def data_digits(out: str = typer.Argument(..., help="Folder to create with train
 @app.command("eval")
 @user_errors
 def eval_(
-    target: str = typer.Argument(..., help="Run folder, student .safetensors, or exported .onnx / .pt."),
+    targets: List[str] = typer.Argument(..., help="Run folder, student .safetensors, or exported .onnx / .pt; further files are measured beside it."),
     data: Optional[str] = DataOpt,
     device: str = typer.Option("auto", "--device"),
     batch_size: int = typer.Option(64, "--batch-size", "-b"),
     workers: int = typer.Option(2, "--workers", "-j"),
     teacher: bool = typer.Option(True, "--teacher/--no-teacher", help="Also measure the run's teacher."),
+    exports: Optional[str] = typer.Option(None, "--exports", help="Folder of `lcdistill export` files to measure beside the student (default: the run folder)."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
     save: Optional[str] = typer.Option(None, "--save", help="Also write that JSON object to this file."),
 ):
-    """Top-1/top-5, params, FLOPs and latency; teacher beside student when the run knows its teacher."""
+    """Top-1/top-5, params, FLOPs and latency; teacher beside student when the run knows its teacher, exported files beside both."""
     from lcdistill import evaluate, models
     from lcdistill.data import ImageDataset, eval_loader, eval_transform, scan
     from lcdistill.trainer import setup_runtime
     import torch
 
     need_data(data)
+    target = targets[0]
     runtime = setup_runtime({"device": device, "amp_dtype": "float32", "channels_last": False, "deterministic": False})
     student = evaluate.load_target(target)
     meta = student["meta"]
+    if exports is not None and not Path(exports).is_dir():
+        raise UserError(f"--exports {exports} is not a folder", "pass the --out folder of `lcdistill export`")
+    folder = exports if exports is not None else (target if Path(target).is_dir() else None)
+    extra_files = list(dict.fromkeys(targets[1:] + (evaluate.exported_files(folder) if folder else [])))
+    extras = [evaluate.load_target(f) for f in extra_files]
     train_split, val_split = scan(data)
-    if val_split.classes != meta["classes"]:
-        raise UserError(f"the data's classes {val_split.classes[:5]}... differ from the model's {meta['classes'][:5]}...", "evaluate on the data the model was trained for")
+    for t in [student] + extras:
+        if val_split.classes != t["meta"]["classes"]:
+            raise UserError(f"the data's classes {val_split.classes[:5]}... differ from {t['file']}'s {t['meta']['classes'][:5]}...", "evaluate on the data the model was trained for")
     loader = eval_loader(ImageDataset(val_split, eval_transform(meta)), batch_size, workers)
     results = {"student": evaluate.measure(student, loader, runtime.device, batch_size, meta["mean"], meta["std"])}
     teacher_entry = meta.get("teacher")
@@ -222,6 +230,12 @@ def eval_(
             results["teacher"] = evaluate.measure(t_target, loader, runtime.device, batch_size, t.data_config["mean"], t.data_config["std"])
             results["teacher"]["model"] = t.origin
     results["student"]["model"] = target
+    for extra in extras:  # each file fed by its own metadata, as a deployment would
+        m = extra["meta"]
+        own_loader = eval_loader(ImageDataset(val_split, eval_transform(m)), batch_size, workers)
+        name = evaluate.role(extra)
+        key = name if name not in results else f"{name} {Path(extra['file']).name}"
+        results[key] = {**evaluate.measure(extra, own_loader, runtime.device, batch_size, m["mean"], m["std"]), "model": extra["file"]}
     if save:
         from lcdistill.checkpoint import atomic_write_json
 
@@ -229,15 +243,18 @@ def eval_(
     if json_out:
         print(json.dumps(results))
         return
-    table = Table(title=f"{target} on {data}/val ({results['student']['images']} images, {runtime.device})")
-    for col in ("", "top-1 %", "top-5 %", "params", "GFLOPs", "file MB", "ms @1", f"ms @{batch_size}", "img/s"):
-        table.add_column(col, justify="left" if not col else "right")
+    table = Table(title=f"{target} on {data}/val ({results['student']['images']} images)")
+    for col in ("", "runs on", "top-1 %", "top-5 %", "params", "GFLOPs", "file MB", "ms @1", f"ms @{batch_size}", "img/s"):
+        table.add_column(col, justify="left" if col in ("", "runs on") else "right")
     for role, r in results.items():
         fmt = lambda v, f: f.format(v) if v is not None else "-"  # noqa: E731
-        table.add_row(role, f"{r['top1']:.2f}", f"{r['top5']:.2f}", fmt(r.get("params") and r["params"] / 1e6, "{:.2f}M"),
+        runs_on = {"onnx": "onnxruntime"}.get(r["kind"], r["kind"])
+        where = f"{runs_on} {r['device']}" + (f" x{r['threads']}" if r.get("threads") else "")
+        table.add_row(role, where, f"{r['top1']:.2f}", f"{r['top5']:.2f}", fmt(r.get("params") and r["params"] / 1e6, "{:.2f}M"),
                       fmt(r.get("flops") and r["flops"] / 1e9, "{:.3f}"), fmt(r.get("file_bytes") and r["file_bytes"] / 1e6, "{:.2f}"),
                       f"{r['latency_ms_b1']:.2f}", f"{r['latency_ms_batch']:.2f}", f"{r['throughput_img_s']:,.0f}")
     console_for().print(table)
+    console_for().print("latency: median of 10 timed calls after 3 warm-up calls, random input; 'xN': CPU threads")
 
 
 @app.command()
@@ -249,6 +266,8 @@ def export(
     data: Optional[str] = typer.Option(None, "--data", help="Data folder for the parity batch (default: the run's own data)."),
     opset: int = typer.Option(18, "--opset", help="ONNX opset."),
     tolerance: float = typer.Option(1e-3, "--tolerance", help="Largest allowed |exported - PyTorch| on the logits."),
+    quantize: str = typer.Option("none", "--quantize", help="none | int8: also write student.int8.onnx (static, calibrated on train images)."),
+    calibration_images: int = typer.Option(300, "--calibration-images", help="Training images to calibrate int8 with."),
 ):
     """Write student.onnx / student.pt (dynamic batch, metadata) and check them against PyTorch on real images."""
     import torch
@@ -258,6 +277,10 @@ def export(
 
     if format not in ("onnx", "torchscript", "all"):
         raise UserError(f"unknown --format '{format}'", "choose onnx, torchscript or all")
+    if quantize not in ("none", "int8"):
+        raise UserError(f"unknown --quantize '{quantize}'", "choose none or int8")
+    if quantize == "int8" and format == "torchscript":
+        raise UserError("--quantize int8 quantizes the ONNX file", "use --format onnx or --format all")
     path = Path(target)
     if not (models.is_run(path) or (path.suffix == ".safetensors" and path.is_file())):
         raise UserError(f"{target} is not a run folder or student .safetensors", "pass the --out folder of `lcdistill compress` or `lcdistill train`")
@@ -265,6 +288,8 @@ def export(
     meta = loaded.meta
     out_dir = Path(out) if out else (path if path.is_dir() else path.parent)
     data_dir = data or _run_data(path)
+    if quantize == "int8" and not data_dir:
+        raise UserError("--quantize int8 needs training images to calibrate with", "pass --data DIR (the run's own data is not found)")
     if data_dir:
         _, val = scan(data_dir, check=False)
         images = next(iter(eval_loader(ImageDataset(val, eval_transform(meta)), 8, 0)))[0]
@@ -285,6 +310,25 @@ def export(
         typer.echo(f"{fmt}: {files[fmt]}  max |diff| vs PyTorch {diff:.2e} on {source} and batch 1")
     if worst > tolerance:
         fail(f"export differs from PyTorch by {worst:.2e} > tolerance {tolerance:g}", 1)
+    if quantize == "int8":
+        _export_int8(loaded.model, meta, files["onnx"], data_dir, calibration_images, batch, source)
+
+
+def _export_int8(model, meta: dict, fp32: Path, data_dir: str, images: int, batch, source: str) -> None:
+    """student.int8.onnx beside the fp32 file; int8 is judged by agreement, not by a tolerance."""
+    import torch
+
+    from lcdistill import export as exporter, quantize as quant
+
+    batches = quant.calibration_batches(data_dir, meta, images)
+    int8 = quant.quantize(fp32, quant.int8_path(fp32), batches, str(Path(data_dir).resolve()))
+    with torch.no_grad():
+        reference = model.eval()(batch).argmax(1)
+        got = exporter.run_onnx(exporter.onnx_session(int8), batch).argmax(1)
+    agree = int((got == reference).sum())
+    mb = lambda p: p.stat().st_size / 1e6  # noqa: E731
+    typer.echo(f"int8: {int8}  {mb(int8):.2f} MB (fp32 {mb(fp32):.2f} MB), calibrated on {sum(len(b) for b in batches)} train images;"
+               f" top-1 class agrees with PyTorch on {agree}/{len(batch)} of {source}; measure accuracy with `lcdistill eval`")
 
 
 def _run_data(path: Path) -> str | None:
@@ -366,6 +410,34 @@ def lipschitz(
     console.print(table)
     ub = result["upper_bound"]
     console.print(f"per-layer upper bound (product of exact layer norms, BN folded): {ub:.3e}" if ub else "per-layer upper bound: 0 or overflow")
+
+
+@app.command()
+@user_errors
+def report(
+    run: str = typer.Argument(..., help="Run folder."),
+    data: Optional[str] = typer.Option(None, "--data", help="Compute the Lipschitz chart on DIR/val when RUN/lipschitz.json is missing (saved there)."),
+    device: str = typer.Option("auto", "--device"),
+):
+    """RUN/report.html (self-contained) and RUN/plots/*.png: training curves, teacher/student/export table, Lipschitz chart.
+
+    The table comes from RUN/eval.json (`lcdistill eval RUN --data DIR --save RUN/eval.json`) when present."""
+    from lcdistill import report as reports
+
+    reports.pyplot()  # fail before any work when matplotlib is missing
+    path = Path(run)
+    lip = None
+    if data and not (path / "lipschitz.json").is_file() and (path / "student.json").is_file():
+        from lcdistill.checkpoint import atomic_write_json
+        from lcdistill.trainer import setup_runtime
+
+        runtime = setup_runtime({"device": device, "amp_dtype": "float32", "channels_last": False, "deterministic": False})
+        lip = reports.compute_lipschitz(path, data, runtime.device)
+        atomic_write_json(path / "lipschitz.json", lip)
+    written = reports.write(path, lipschitz=lip)
+    typer.echo(f"report: {written['html']}")
+    for plot in written["plots"]:
+        typer.echo(f"plot: {plot}")
 
 
 def main() -> None:

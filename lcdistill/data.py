@@ -41,9 +41,12 @@ def _images_under(folder: Path) -> list[str]:
     """Image files below folder, sorted, skipping hidden entries and breaking symlink loops."""
     found: list[str] = []
     seen: set[str] = set()
+    top = os.path.realpath(folder)
     for root, dirs, files in os.walk(folder, followlinks=True):
         real = os.path.realpath(root)
-        if real in seen:
+        # a link to a folder seen before, or up to one holding this class (e.g. `loop -> ..`, which
+        # would file the other classes' images under this one)
+        if real in seen or top.startswith(real + os.sep):
             dirs[:] = []
             continue
         seen.add(real)
@@ -235,14 +238,14 @@ def _own_generator(seed: int) -> torch.Generator:
 def train_loader(dataset: ImageDataset, batch_size: int, workers: int, seed: int, world: int, rank: int, pin: bool) -> DataLoader:
     sampler = ResumableSampler(len(dataset), seed, world, rank)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, pin_memory=pin, drop_last=True,
-                      worker_init_fn=init_worker, generator=_own_generator(seed))
+                      worker_init_fn=init_worker, generator=_own_generator(seed), collate_fn=getattr(dataset, "collate", None))
 
 
 def eval_loader(dataset: Dataset, batch_size: int, workers: int, world: int = 1, rank: int = 0, pin: bool = False) -> DataLoader:
     # A plain shard per rank (no padding), so summed counts cover every image once.
     shard = torch.utils.data.Subset(dataset, list(range(rank, len(dataset), world)))
     return DataLoader(shard, batch_size=batch_size, shuffle=False, num_workers=workers, pin_memory=pin, worker_init_fn=init_worker,
-                      generator=_own_generator(0))
+                      generator=_own_generator(0), collate_fn=getattr(dataset, "collate", None))  # a dataset may batch its own way (gpu_data)
 
 
 def normalize(images: torch.Tensor, mean, std) -> torch.Tensor:

@@ -124,6 +124,23 @@ def load_target(path: str) -> dict:
     raise UserError(f"{path} is not a run folder, student .safetensors, .onnx or TorchScript file", "pass the --out folder of `lcdistill compress`/`train`, or a file written by `lcdistill export`")
 
 
+EXPORT_FILES = ("student.onnx", "student.int8.onnx", "student.pt")  # what `lcdistill export` writes
+
+
+def exported_files(folder) -> list[str]:
+    """The export files present in folder, in a fixed order."""
+    from pathlib import Path
+
+    return [str(Path(folder) / name) for name in EXPORT_FILES if (Path(folder) / name).is_file()]
+
+
+def role(target: dict) -> str:
+    """A row name for a measured file: its runtime, and int8 when it was quantized."""
+    if target["kind"] == "onnx" and target["meta"].get("quantization"):
+        return "onnx-int8"
+    return target["kind"]
+
+
 def measure(target: dict, loader, device: torch.device, batch_size: int, mean, std) -> dict:
     """Accuracy on the loader plus size, FLOPs and latency (batch 1 and batch_size) for one model."""
     meta = target["meta"]
@@ -143,6 +160,7 @@ def measure(target: dict, loader, device: torch.device, batch_size: int, mean, s
             timings[batch] = time_call(lambda: predict(x), sync)
     result.update(
         kind=target["kind"],
+        threads=torch.get_num_threads() if lat_device.type == "cpu" else None,
         file=target["file"],
         file_bytes=file_size(target["file"]),
         latency_ms_b1=timings[1],

@@ -18,6 +18,11 @@ from lcdistill.errors import UserError
 OPSET = 18  # supported by onnxruntime >= 1.16 and by both of torch's ONNX exporters
 
 
+def onnx_opset(proto) -> int:
+    """The default-domain opset a model really uses (the exporter may differ from what was asked)."""
+    return next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
+
+
 def metadata(meta: dict) -> dict[str, str]:
     """What a deployment needs to feed the model and read its output, as string pairs."""
     from lcdistill import __version__
@@ -65,14 +70,20 @@ def to_onnx(model: nn.Module, meta: dict, path: Path, opset: int = OPSET) -> Pat
                 os.dup2(saved, 1)
                 os.close(saved)
         proto = program.model_proto
-        for key, value in metadata(meta).items():
-            entry = proto.metadata_props.add()
-            entry.key, entry.value = key, value
+        set_metadata(proto, {**metadata(meta), "onnx_opset": str(onnx_opset(proto))})
         onnx.checker.check_model(proto, full_check=True)
         onnx.save_model(proto, tmp)
 
     atomic_write(path, write)
     return path
+
+
+def set_metadata(proto, props: dict[str, str]) -> None:
+    """Replace the model's metadata_props with props."""
+    del proto.metadata_props[:]
+    for key, value in props.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
 
 
 def to_torchscript(model: nn.Module, meta: dict, path: Path) -> Path:
@@ -93,6 +104,9 @@ def onnx_session(path: Path):
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    # ONNX Runtime ignores OMP_NUM_THREADS and takes every core; give it PyTorch's thread
+    # count so latencies of the two are measured on equal terms.
+    options.intra_op_num_threads = torch.get_num_threads()
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
@@ -150,5 +164,9 @@ def decode_metadata(props: dict[str, str]) -> dict:
     out = {k: json.loads(props[k]) for k in ("classes", "mean", "std", "input_size", "crop_pct", "arch")}
     out["interpolation"] = props.get("interpolation", "bilinear")
     out["lcdistill_version"] = props.get("lcdistill_version")
+    if "onnx_opset" in props:
+        out["onnx_opset"] = int(props["onnx_opset"])
+    if "quantization" in props:  # what lcdistill.quantize did to the fp32 file
+        out["quantization"] = json.loads(props["quantization"])
     out["num_classes"] = len(out["classes"])
     return out

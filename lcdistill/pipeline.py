@@ -18,7 +18,7 @@ import torch.distributed as dist
 from rich.console import Console
 from rich.table import Table
 
-from lcdistill import data, models, recipe as recipes
+from lcdistill import data, gpu_data, models, recipe as recipes
 from lcdistill.checkpoint import atomic_write_json, save_weights
 from lcdistill.distributed import replica_check
 from lcdistill.errors import UserError
@@ -54,6 +54,8 @@ def student_spec(student: dict) -> str:
 
 def prepare(recipe: dict, data_dir: str, teacher: str | None, teacher_weights: str | None, out: str | None, resume: bool = False) -> Prepared:
     runtime = setup_runtime(recipe["train"])
+    if recipe["train"]["sync_bn"] and runtime.world > 1 and runtime.device.type != "cuda":  # torch's SyncBatchNorm only syncs GPU tensors
+        raise UserError("train.sync_bn needs CUDA GPUs (SyncBatchNorm cannot sync CPU tensors)", "drop --set train.sync_bn=true on CPU; BN statistics are averaged over processes at each epoch end anyway")
     train_split, val_split = data.scan(data_dir, skip_bad=recipe["data"]["skip_bad_images"])
     classes = train_split.classes
     method = METHODS[recipe["method"]]
@@ -72,8 +74,6 @@ def prepare(recipe: dict, data_dir: str, teacher: str | None, teacher_weights: s
     student = models.resolve(student_spec(s), len(classes), weights=s["weights"], pretrained=s["pretrained"],
                              flag="--weights (student.weights in a recipe)", kwargs=s["kwargs"], keep_head=False)
     if recipe["train"]["sync_bn"] and runtime.world > 1:
-        if runtime.device.type != "cuda":  # torch's SyncBatchNorm only syncs GPU tensors
-            raise UserError("train.sync_bn needs CUDA GPUs (SyncBatchNorm cannot sync CPU tensors)", "drop --set train.sync_bn=true on CPU; BN statistics are averaged over processes at each epoch end anyway")
         student.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(student.model)
     # Unset sizes follow a teacher run (it was trained at them), else the student's own config.
     teacher_run = loaded_teacher.meta if loaded_teacher is not None else {}
@@ -131,6 +131,9 @@ def run(p: Prepared, console: Console, resume: bool = False) -> dict:
     distiller = build_distiller(p)
     train_set = data.ImageDataset(p.train_split, data.transforms(p.input_size, p.student.data_config, p.recipe["data"], True), p.recipe["train"]["seed"], p.recipe["data"]["skip_bad_images"])
     val_set = data.ImageDataset(p.val_split, data.eval_transform({**p.student.data_config, "input_size": [3, p.input_size, p.input_size]}), skip_bad=p.recipe["data"]["skip_bad_images"])
+    # JPEG folders on CUDA: decode and augment on the GPU instead (data.gpu_decode)
+    train_set = gpu_data.pick(train_set, p.train_split, p.input_size, p.student.data_config, p.recipe, rt.device, training=True)
+    val_set = gpu_data.pick(val_set, p.val_split, p.input_size, p.student.data_config, p.recipe, rt.device, training=False)
     trainer = Trainer(distiller, p.recipe, train_set, val_set, p.run_dir, rt, console)
     created = False
     if rt.world > 1:
@@ -151,6 +154,8 @@ def run(p: Prepared, console: Console, resume: bool = False) -> dict:
                       + f", {len(p.train_split.samples)} train / {len(p.val_split.samples)} val images, {len(p.train_split.classes)} classes, {p.input_size}px, {rt.device}")
         for line in getattr(distiller, "describe", lambda: [])():
             console.print(f"  pair {line}")
+        if isinstance(train_set, gpu_data.JpegDataset):
+            console.print(f"  JPEGs decoded and augmented on {rt.device} (data.gpu_decode)")
         skipped = p.train_split.skipped + p.val_split.skipped
         if skipped:
             console.print(f"skipped {len(skipped)} unreadable image files (--skip-bad-images), e.g. {skipped[0]}")

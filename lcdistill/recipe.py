@@ -39,6 +39,7 @@ DEFAULTS: dict[str, Any] = {
     "london": {
         "alpha": 1.0,  # weight of the Lipschitz term
         "distance": "log_mse",  # log_mse (default, scale-free) | mse (authors') | relative
+        "student_side": "connected",  # connected: through the connectors (authors') | raw: the student's own stage maps
         "iterations": 5,  # power-iteration steps for each spectral norm
         "min_stride": 4,  # stages with a smaller stride are not paired
         "pairs": None,  # [[student_module, teacher_module], ...] to set the pairing by hand
@@ -67,6 +68,7 @@ DEFAULTS: dict[str, Any] = {
         "color_jitter": 0.0,
         "auto_augment": None,  # timm string, e.g. rand-m9-mstd0.5
         "skip_bad_images": False,
+        "gpu_decode": "auto",  # decode + crop/flip JPEGs on the GPU: auto (CUDA and all files JPEG) | true | false
     },
     "train": {
         "device": "auto",  # auto | cpu | cuda
@@ -231,8 +233,12 @@ def validate(recipe: dict) -> None:
             raise UserError(f"schedule.{key} must be a positive integer, got {sched[key]!r}", f"pass --set schedule.{key}=N")
     if not isinstance(sched["lr"], (int, float)) or sched["lr"] <= 0:
         raise UserError(f"schedule.lr must be a positive number, got {sched['lr']!r}", "pass --lr X")
+    if recipe["london"]["student_side"] not in ("raw", "connected"):
+        raise UserError(f"unknown london.student_side '{recipe['london']['student_side']}'", "choose raw or connected")
     if recipe["london"]["distance"] not in ("log_mse", "mse", "relative"):
         raise UserError(f"unknown london.distance '{recipe['london']['distance']}'", "choose log_mse, mse or relative")
+    if recipe["data"]["gpu_decode"] not in ("auto", True, False):
+        raise UserError(f"unknown data.gpu_decode {recipe['data']['gpu_decode']!r}", "choose auto, true or false")
     if recipe["train"]["amp_dtype"] not in ("auto", "bfloat16", "float16", "float32"):
         raise UserError(f"unknown train.amp_dtype '{recipe['train']['amp_dtype']}'", "choose auto, bfloat16, float16 or float32")
 

@@ -7,6 +7,7 @@ of a particular method.
 from __future__ import annotations
 
 import csv
+import inspect
 import io
 import json
 import math
@@ -29,6 +30,7 @@ from lcdistill.checkpoint import atomic_write_text, load_state, save_state, save
 from lcdistill.data import ImageDataset, eval_loader, train_loader
 from lcdistill.errors import UserError
 from lcdistill.evaluate import accuracy
+from lcdistill.gpu_data import on_device
 
 LAST = "last.safetensors"
 BEST = "best.safetensors"
@@ -144,13 +146,17 @@ class Trainer:
         self.model = distiller
         if runtime.world > 1:
             device_ids = [runtime.device.index] if runtime.device.type == "cuda" else None
-            self.model = nn.parallel.DistributedDataParallel(distiller, device_ids=device_ids, broadcast_buffers=False)
+            # No buffer sync per forward (BN stats are averaged at epoch end); torch >= 2.14 renamed the flag.
+            ddp = nn.parallel.DistributedDataParallel
+            no_sync = {"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(ddp).parameters else {"broadcast_buffers": False}
+            self.model = ddp(distiller, device_ids=device_ids, **no_sync)
 
         pin = runtime.device.type == "cuda"
         workers = int(recipe["data"]["workers"])
         self.train_set = train_set
-        self.loader = train_loader(train_set, self.local_batch, workers, train["seed"], runtime.world, runtime.rank, pin)
-        self.val_loader = eval_loader(val_set, max(self.local_batch, 64), workers, runtime.world, runtime.rank, pin)
+        # on_device: JPEG batches of a gpu_data.JpegDataset are decoded and augmented on the device
+        self.loader = on_device(train_loader(train_set, self.local_batch, workers, train["seed"], runtime.world, runtime.rank, pin), runtime.device)
+        self.val_loader = on_device(eval_loader(val_set, max(self.local_batch, 64), workers, runtime.world, runtime.rank, pin), runtime.device)
         self.steps_per_epoch = len(self.loader)
 
         self.optimizer = create_optimizer_v2(self.trainable, opt=sched["optimizer"], lr=sched["lr"], weight_decay=sched["weight_decay"], momentum=sched["momentum"])
@@ -255,6 +261,8 @@ class Trainer:
             while self.epoch < self.epochs:
                 self.train_epoch()
                 self.end_epoch()
+                if self._should_stop():  # the signal came during evaluation: honour it now, not a step later
+                    self._stop()
         finally:
             for s, h in handlers.items():
                 signal.signal(s, h)
@@ -274,8 +282,9 @@ class Trainer:
         self.save_checkpoint()
         code = 130 if self.stop_signal in (None, signal.SIGINT) else 143
         name = "SIGINT" if code == 130 else "SIGTERM"
+        where = f"after epoch {self.epoch}" if self.step_in_epoch == 0 and self.epoch else f"at epoch {self.epoch + 1}, step {self.step_in_epoch}"
         raise TrainingStopped(
-            f"stopped by {name} at epoch {self.epoch + 1}, step {self.step_in_epoch}; checkpoint saved in {self.checkpoint_dir}",
+            f"stopped by {name} {where}; checkpoint saved in {self.checkpoint_dir}",
             f"continue with `lcdistill compress --resume {self.run_dir}`",
             exit_code=code,
         )
@@ -368,8 +377,15 @@ class Trainer:
     def end_epoch(self) -> None:
         self.scheduler.step(self.epoch + 1)
         row = {"epoch": self.epoch + 1, "lr": self.lr, **self.epoch_losses}
+        if self.runtime.world > 1:
+            # DDP leaves BN running stats per rank (no buffer sync per forward): average them, as timm's train.py does.
+            from timm.utils import distribute_bn
+
+            distribute_bn(self.trainable, self.runtime.world, reduce=True)
+            if self.ema:
+                distribute_bn(self.ema, self.runtime.world, reduce=True)
         val = self.evaluate(self.student)
-        row.update(val_top1=val["top1"], val_top5=val["top5"])
+        row.update(val_top1=val["top1"], val_top5=val["top5"], val_images=val["images"])
         if self.ema:
             ema_val = self.evaluate(self.ema.module)
             row.update(ema_top1=ema_val["top1"], ema_top5=ema_val["top5"])

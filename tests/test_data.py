@@ -66,7 +66,7 @@ def test_digits_split_is_deterministic(digits, digits_cli):
 
 def test_write_digits_refuses_a_used_folder(tmp_path):
     (tmp_path / "val").mkdir()
-    with pytest.raises(UserError, match="already holds"):
+    with pytest.raises(UserError, match="already exists"):
         write_digits(tmp_path)
 
 

@@ -163,11 +163,36 @@ def test_sigterm_then_resume_finishes(small_data, tmp_path):
     state = load_state(out / LAST)
     assert state["global_step"] >= 1 and state["epoch"] == 0
 
-    resume(out)
+    done = cli("compress", "--resume", out)  # in-process: this one is about the stop, not the restart
+    assert done.exit_code == 0, done.stderr
     assert load_state(out / LAST)["epoch"] == 1
     assert (out / "student.safetensors").is_file() and (out / "student.json").is_file()
     steps = [r["step"] for r in metrics(out) if "step" in r]
     assert steps == list(range(1, STEPS_PER_EPOCH + 1)), "a step was logged twice or not at all"
+
+
+def test_signal_during_evaluation_stops_after_the_epoch(small_data, tmp_path, monkeypatch):
+    # In-process: SIGTERM arrives while the epoch's validation runs, after the last step.
+    from lcdistill.trainer import Trainer
+
+    real_evaluate, sent = Trainer.evaluate, []
+
+    def evaluate_then_signal(self, *args, **kwargs):
+        if not sent:
+            sent.append(os.kill(os.getpid(), signal.SIGTERM))  # the handler fit() installed takes it
+        return real_evaluate(self, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "evaluate", evaluate_then_signal)
+    out = tmp_path / "run"
+    result = cli("compress", "--data", small_data, *CE, "--out", out)
+    assert result.exit_code == 143, result.stdout
+    line = stderr_line(result.stderr)
+    assert "SIGTERM after epoch 1" in line and f"--resume {out}" in line
+    assert load_state(out / LAST)["epoch"] == 1 and not (out / "student.safetensors").exists()
+
+    monkeypatch.undo()
+    assert cli("compress", "--resume", out).exit_code == 0
+    assert (out / "student.safetensors").is_file()
 
 
 # ---- divergence ------------------------------------------------------------------------------

@@ -1,10 +1,10 @@
 """LONDON: Lipschitz continuity guided KD (Shang et al., ICCV 2021).
 
 Stage outputs of student and teacher are tapped with forward hooks and paired by
-stride; student features go through 1x1 conv + BN connectors to the teacher's
-channel count. For each pair of consecutive stages the transmitting matrix's
-spectral norm (power iteration, differentiable) is compared between the two
-networks. Total = CE + KD + alpha * L_lip (+ optional feature MSE).
+stride. For each pair of consecutive stages the transmitting matrix's spectral
+norm (power iteration, differentiable) is compared between the two networks, on
+the student's maps after 1x1 conv + BN connectors to the teacher's channel count
+(as the authors do), or on the student's own maps (london.student_side: raw). Total = CE + KD + alpha * L_lip (+ optional feature MSE).
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ class London(KD):
         self.feature_weight = float(settings["feature_weight"])
         self.iterations = int(settings["iterations"])
         self.distance = settings["distance"]
+        self.connect = settings["student_side"] == "connected"
         self.pairs = match_pairs(student, teacher, settings)
         n_matrices = len(self.pairs) - 1
         weights = settings["pair_weights"] or default_pair_weights(n_matrices)
@@ -49,14 +50,16 @@ class London(KD):
         self.register_buffer("pair_weights", torch.tensor(weights, dtype=torch.float32), persistent=False)
         self.student_names = [s.name for s, _ in self.pairs]
         self.teacher_names = [t.name for _, t in self.pairs]
-        self.connectors = nn.ModuleList(connector(s.channels, t.channels) for s, t in self.pairs)
+        # Connectors exist only where a loss uses them (DDP refuses parameters without gradient).
+        used = self.connect or self.feature_weight
+        self.connectors = nn.ModuleList(connector(s.channels, t.channels) for s, t in self.pairs) if used else None
         self.student_tap = FeatureTap(student, self.student_names)
         self.teacher_tap = FeatureTap(teacher, self.teacher_names)
 
     def describe(self) -> list[str]:
         return describe_pairs(self.pairs)
 
-    def extras(self) -> nn.Module:
+    def extras(self) -> nn.Module | None:
         return self.connectors
 
     def connected(self, student_features: list[torch.Tensor], teacher_features: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -72,16 +75,18 @@ class London(KD):
         self.teacher_tap.clear()
         losses = super().distill_losses(images, logits, targets)  # runs the teacher (and its tap)
         teacher_features = [f.detach().float() for f in self.teacher_tap.get(self.teacher_names)]
-        student_features = self.connected(self.student_tap.get(self.student_names), teacher_features)
+        raw = [f.float() for f in self.student_tap.get(self.student_names)]
         self.student_tap.clear()
         self.teacher_tap.clear()
-        student_features = [f.float() for f in student_features]
+        connected = [f.float() for f in self.connected(raw, teacher_features)] if self.connect or self.feature_weight else None
         if self.alpha:
-            s_sigma = stage_sigmas(student_features, self.iterations)
+            # Through a connector, its BN divides out the student's feature scale: the term then
+            # shapes the student's features but cannot reach their scale; raw reaches it directly.
+            s_sigma = stage_sigmas(connected if self.connect else raw, self.iterations)
             with torch.no_grad():
                 t_sigma = stage_sigmas(teacher_features, self.iterations)
             losses["lip"] = self.alpha * lipschitz_loss(s_sigma, t_sigma, self.pair_weights, self.distance)
             self.stats["lip_gap"] = (s_sigma.detach() - t_sigma).abs().mean(0)
         if self.feature_weight:
-            losses["feat"] = self.feature_weight * sum(F.mse_loss(s, t) for s, t in zip(student_features, teacher_features))
+            losses["feat"] = self.feature_weight * sum(F.mse_loss(s, t) for s, t in zip(connected, teacher_features))
         return losses

@@ -1,0 +1,88 @@
+"""int8 post-training static quantization of an exported ONNX student (onnxruntime.quantization)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lcdistill import export
+from lcdistill.checkpoint import atomic_write
+from lcdistill.errors import UserError
+
+CALIBRATION_IMAGES = 300
+
+
+def calibration_batches(data_dir: str | Path, meta: dict, images: int = CALIBRATION_IMAGES, batch_size: int = 32, seed: int = 0) -> list[np.ndarray]:
+    """A seeded random sample of TRAINING images, prepared as at eval time and normalised:
+    what the model will see in deployment, without touching the val images it is scored on."""
+    from torch.utils.data import Subset
+
+    from lcdistill.data import ImageDataset, eval_loader, eval_transform, normalize, scan
+
+    train, _ = scan(data_dir, check=False)
+    if not train.samples:
+        raise UserError(f"{data_dir}/train holds no images to calibrate int8 with", "pass --data DIR with a train/ folder")
+    pick = torch.randperm(len(train.samples), generator=torch.Generator().manual_seed(seed))[:images].tolist()
+    dataset = Subset(ImageDataset(train, eval_transform(meta)), pick)
+    return [normalize(b[0], meta["mean"], meta["std"]).numpy() for b in eval_loader(dataset, batch_size, 0)]
+
+
+@contextmanager
+def quiet_ort_logging():
+    """onnxruntime.quantization logs advice on the root logger; keep the CLI's output our own."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+
+
+def quantize(fp32: Path, out: Path, batches: list[np.ndarray], source: str = "") -> Path:
+    """Static int8 (QDQ) model of the fp32 ONNX file, calibrated on batches; same metadata plus
+    a 'quantization' entry saying how it was made."""
+    import onnx
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Reader(CalibrationDataReader):
+        def __init__(self, name: str):
+            self.feeds = iter({name: b} for b in batches)
+
+        def get_next(self):
+            return next(self.feeds, None)
+
+    props = {p.key: p.value for p in onnx.load(str(fp32), load_external_data=False).metadata_props}
+    input_name = export.onnx_session(fp32).get_inputs()[0].name
+    with tempfile.TemporaryDirectory(prefix="lcdistill-int8-") as tmp, quiet_ort_logging():
+        pre, raw = Path(tmp) / "pre.onnx", Path(tmp) / "int8.onnx"
+        # shape inference + ORT's graph optimisation (BatchNorm folded into Conv) first, so
+        # the quantiser sees the graph ORT will run and places fewer, better Q/DQ pairs
+        quant_pre_process(str(fp32), str(pre))
+        quantize_static(
+            str(pre), str(raw), Reader(input_name), quant_format=QuantFormat.QDQ,
+            # per-channel weights: after BN folding, depthwise filters differ in range by orders
+            # of magnitude and one scale per tensor wipes most of them out (top-1 falls to chance)
+            per_channel=True,
+            # u8 activations x s8 weights is the pair ORT's x86/ARM int8 kernels are built for
+            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+        )
+        proto = onnx.load(str(raw))
+    how = {"method": "static", "format": "QDQ", "weights": "int8 per-channel", "activations": "uint8 per-tensor",
+           "calibration": "minmax", "calibration_images": int(sum(len(b) for b in batches)), "calibration_data": source}
+    export.set_metadata(proto, {**props, "onnx_opset": str(export.onnx_opset(proto)), "quantization": json.dumps(how)})
+    onnx.checker.check_model(proto)
+    atomic_write(out, lambda tmp: onnx.save_model(proto, tmp))
+    return out
+
+
+def int8_path(fp32: Path) -> Path:
+    """student.onnx -> student.int8.onnx"""
+    return fp32.with_name(f"{fp32.stem}.int8{fp32.suffix}")

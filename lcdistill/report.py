@@ -1,0 +1,215 @@
+"""`lcdistill report`: a run's training curves, teacher/student/export table and Lipschitz chart,
+as PNG files and one self-contained report.html (the PNGs embedded as base64)."""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import io
+import json
+from pathlib import Path
+
+from lcdistill.checkpoint import atomic_write, atomic_write_text
+from lcdistill.errors import UserError
+
+PLOTS = "plots"  # RUN/plots/*.png
+NOT_LOSSES = {"epoch", "lr", "img_per_s", "skipped_images", "lip_gap"}
+
+
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend, or the advice to install the extra."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise UserError("lcdistill report needs matplotlib", "pip install 'lcdistill[report]'") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def read_summary(run: Path) -> list[dict]:
+    """summary.csv as one dict of floats per epoch (empty cells left out)."""
+    path = run / "summary.csv"
+    if not path.is_file():
+        return []
+    with open(path, newline="") as f:
+        return [{k: float(v) for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(f)]
+
+
+def read_json(path: Path | None) -> dict | None:
+    return json.loads(path.read_text()) if path is not None and path.is_file() else None
+
+
+def loss_parts(rows: list[dict]) -> list[str]:
+    """The loss columns of summary.csv: everything that is not a setting, a rate or a val metric."""
+    names: list[str] = []
+    for row in rows:
+        names += [k for k in row if k not in names and k not in NOT_LOSSES and not k.startswith(("val_", "ema_"))]
+    return names
+
+
+def save_png(fig, path: Path) -> Path:
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
+    fig.clf()
+    return path
+
+
+def plot_losses(plt, rows: list[dict], path: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for name in loss_parts(rows):
+        points = [(r["epoch"], r[name]) for r in rows if name in r]
+        ax.plot(*zip(*points), marker="o", label=name)
+    ax.set(xlabel="epoch", ylabel="training loss (epoch mean)", title="loss parts")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return save_png(fig, path)
+
+
+def plot_accuracy(plt, rows: list[dict], teacher_top1: float | None, path: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for key, label in (("val_top1", "student"), ("ema_top1", "student EMA")):
+        points = [(r["epoch"], r[key]) for r in rows if key in r]
+        if points:
+            ax.plot(*zip(*points), marker="o", label=label)
+    if teacher_top1 is not None:
+        ax.axhline(teacher_top1, color="black", linestyle="--", label=f"teacher {teacher_top1:.2f}")
+    ax.set(xlabel="epoch", ylabel="val top-1 %", title="validation top-1")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return save_png(fig, path)
+
+
+def plot_lipschitz(plt, lip: dict, path: Path) -> Path:
+    """Per-stage transmitting-matrix spectral norms: student beside teacher."""
+    import numpy as np
+
+    stages = lip["stages"]
+    x = np.arange(len(stages))
+    has_teacher = any(s.get("teacher") is not None for s in stages)
+    width = 0.38 if has_teacher else 0.6
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    ax.bar(x - (width / 2 if has_teacher else 0), [s["model"] for s in stages], width, label="student")
+    if has_teacher:
+        ax.bar(x + width / 2, [s["teacher"] or 0 for s in stages], width, label="teacher")
+    ax.set_xticks(x, [s["name"] for s in stages], rotation=15)
+    ax.set(ylabel="TM spectral norm (val mean)", title="per-stage Lipschitz estimate")
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend()
+    return save_png(fig, path)
+
+
+def table_rows(meta: dict, evaluation: dict | None, run: Path) -> list[dict]:
+    """Teacher, student and export rows: eval.json's measurements when there are some, else what
+    student.json recorded at the end of training plus the sizes of any exported files."""
+    if evaluation:
+        order = ["teacher", "student"] + [k for k in evaluation if k not in ("teacher", "student")]
+        return [{"role": k, **evaluation[k]} for k in order if k in evaluation]
+    rows = []
+    if meta.get("teacher"):
+        t = meta["teacher"]
+        rows.append({"role": "teacher", "model": t.get("origin"), "top1": t.get("top1"), "top5": t.get("top5"), "params": t.get("params")})
+    rows.append({"role": "student", "model": f"{meta['arch']['source']}:{meta['arch']['name']}", "top1": meta.get("top1"),
+                 "top5": meta.get("top5"), "params": meta.get("params"), "file_bytes": (run / "student.safetensors").stat().st_size})
+    from lcdistill.evaluate import EXPORT_FILES
+
+    for name in EXPORT_FILES:
+        if (run / name).is_file():
+            rows.append({"role": name, "model": name, "file_bytes": (run / name).stat().st_size})
+    return rows
+
+
+COLUMNS = [  # (header, key, format)
+    ("", "role", "{}"), ("model", "model", "{}"), ("runs on", "kind", "{}"), ("top-1 %", "top1", "{:.2f}"), ("top-5 %", "top5", "{:.2f}"),
+    ("params", "params", lambda v: f"{v / 1e6:.2f}M"), ("GFLOPs", "flops", lambda v: f"{v / 1e9:.3f}"),
+    ("file MB", "file_bytes", lambda v: f"{v / 1e6:.2f}"), ("ms @1", "latency_ms_b1", "{:.2f}"),
+    ("ms @batch", "latency_ms_batch", "{:.2f}"), ("img/s", "throughput_img_s", "{:,.0f}"),
+]
+
+
+def cell(value, fmt) -> str:
+    if value is None:
+        return "-"
+    return fmt(value) if callable(fmt) else fmt.format(value)
+
+
+def html_table(rows: list[dict]) -> str:
+    used = [c for c in COLUMNS if any(r.get(c[1]) is not None for r in rows)]
+    head = "".join(f"<th>{html.escape(h)}</th>" for h, _, _ in used)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(cell(r.get(k), f))}</td>" for _, k, f in used) + "</tr>" for r in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def embedded(path: Path, alt: str) -> str:
+    data = base64.b64encode(path.read_bytes()).decode("ascii")
+    return f'<figure><img alt="{html.escape(alt)}" src="data:image/png;base64,{data}"><figcaption>{html.escape(alt)}</figcaption></figure>'
+
+
+STYLE = ("body{font-family:system-ui,sans-serif;max-width:60em;margin:2em auto;color:#222}"
+         "table{border-collapse:collapse;font-size:0.9em}td,th{border:1px solid #ccc;padding:0.3em 0.6em;text-align:right}"
+         "td:first-child,td:nth-child(2),th:first-child{text-align:left}figure{display:inline-block;margin:0.5em}"
+         "img{max-width:100%}.note{color:#666;font-size:0.9em}")
+
+
+def write(run: Path, evaluation: dict | None = None, lipschitz: dict | None = None) -> dict:
+    """Write RUN/plots/*.png and RUN/report.html; returns {"html": path, "plots": [paths]}."""
+    from lcdistill import models
+
+    run = Path(run)
+    if not models.is_run(run):
+        raise UserError(f"{run} is not a finished lcdistill run (no student.safetensors + student.json)", "pass a run folder written by `lcdistill train` or `lcdistill compress`")
+    plt = pyplot()
+    meta = models.read_meta(run)
+    evaluation = evaluation if evaluation is not None else read_json(run / "eval.json")
+    lipschitz = lipschitz if lipschitz is not None else read_json(run / "lipschitz.json")
+    rows = read_summary(run)
+    teacher_top1 = (meta.get("teacher") or {}).get("top1")
+    curves, lip_plots = [], []
+    if rows:
+        curves.append((plot_losses(plt, rows, run / PLOTS / "loss.png"), "training loss parts per epoch"))
+        curves.append((plot_accuracy(plt, rows, teacher_top1, run / PLOTS / "top1.png"),
+                       "student val top-1 per epoch" + (" (dashed: the teacher's top-1)" if teacher_top1 is not None else "")))
+    if lipschitz and lipschitz.get("stages"):
+        lip_plots.append((plot_lipschitz(plt, lipschitz, run / PLOTS / "lipschitz.png"), "per-stage transmitting-matrix spectral norms on val images"))
+    plt.close("all")
+
+    arch = meta["arch"]
+    facts = {"student": f"{arch['source']}:{arch['name']}", "method": meta.get("method"), "epochs": meta.get("epochs"),
+             "teacher": (meta.get("teacher") or {}).get("origin"), "input size": "x".join(map(str, meta["input_size"])),
+             "classes": meta.get("num_classes"), "lcdistill": meta.get("lcdistill_version")}
+    facts_html = "".join(f"<li><b>{html.escape(k)}</b>: {html.escape(str(v))}</li>" for k, v in facts.items() if v is not None)
+    source = ("measured by <code>lcdistill eval</code> (eval.json)" if evaluation
+              else "recorded at the end of training (student.json); run <code>lcdistill eval RUN --data DIR --save RUN/eval.json</code> for latency and export rows")
+    if lip_plots:
+        bound = lipschitz.get("upper_bound")
+        lip_html = "".join(embedded(p, alt) for p, alt in lip_plots) + (
+            f"<p class=note>per-layer upper bound (product of exact layer norms): {bound:.3e}</p>" if bound else "")
+    else:
+        lip_html = "<p class=note>None: save <code>lcdistill lipschitz RUN --data DIR --json</code> as RUN/lipschitz.json, or pass --data.</p>"
+    out = io.StringIO()
+    out.write(f"<!doctype html><html><head><meta charset=utf-8><title>lcdistill report: {html.escape(run.name)}</title><style>{STYLE}</style></head><body>")
+    out.write(f"<h1>lcdistill report: {html.escape(str(run))}</h1><ul>{facts_html}</ul>")
+    out.write(f"<h2>Teacher, student and exports</h2><p class=note>{source}</p>{html_table(table_rows(meta, evaluation, run))}")
+    out.write("<h2>Training</h2>" + ("".join(embedded(p, alt) for p, alt in curves) if curves else "<p class=note>No summary.csv.</p>"))
+    out.write(f"<h2>Lipschitz constants</h2>{lip_html}")
+    out.write("</body></html>\n")
+    atomic_write_text(run / "report.html", out.getvalue())
+    return {"html": run / "report.html", "plots": [p for p, _ in curves + lip_plots]}
+
+
+def compute_lipschitz(run: Path, data: str, device, batches: int = 4) -> dict:
+    """What `lcdistill lipschitz RUN --data DIR --json` prints: the student's per-stage norms beside its teacher's."""
+    from lcdistill import lipschitz_report, models
+    from lcdistill.data import ImageDataset, eval_loader, eval_transform, scan
+
+    student = models.load_run(Path(run))
+    teacher = models.rebuild(student.meta["teacher"]["spec"], student.num_classes) if student.meta.get("teacher") else None
+    _, val = scan(data)
+    loader = eval_loader(ImageDataset(val, eval_transform(student.meta)), 64, 0)
+    try:
+        result = lipschitz_report.report(student.model, student.data_config, teacher.model if teacher else None,
+                                         teacher.data_config if teacher else None, loader, device, student.meta["input_size"], batches=batches)
+    except ValueError as e:
+        raise UserError(f"lipschitz: {e}", "this architecture has too few stride-separated stages for the chart") from None
+    return {**result, "model": student.origin, "teacher": teacher.origin if teacher else None}

@@ -1,0 +1,45 @@
+"""Accuracy on real digits: a real teacher and a LONDON student trained from it.
+
+The slowest file of the suite (about a minute and a half on 2 idle cores): the end-to-end
+proof that training and distillation work.
+"""
+
+import json
+
+import pytest
+
+from conftest import EVAL, cli_ok, subset
+
+DIGITS = ["--input-size", "32", "--batch-size", "64", "--workers", "0", "--device", "cpu", "--set", "data.hflip=0",
+          "--set", "data.scale=[0.6,1.0]", "--set", "data.crop_pct=1.0", "--set", "schedule.warmup_epochs=1"]
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def real_teacher(digits, tmp_path_factory):
+    out = tmp_path_factory.mktemp("real-teacher") / "run"
+    cli_ok("train", "--model", "resnet18", "--data", digits, "--epochs", "6", "--lr", "0.1", *DIGITS, "--out", out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def half_digits(digits, tmp_path_factory):
+    # half the training images keep the student quick; val stays whole
+    return subset(digits, tmp_path_factory.mktemp("half") / "data", 72, 1000)
+
+
+def top1(run, data):
+    return json.loads(cli_ok("eval", run, "--data", data, "--json", "--no-teacher", *EVAL).stdout)["student"]["top1"]
+
+
+def test_teacher_learns_digits(real_teacher, digits):
+    assert top1(real_teacher, digits) >= 97.0
+
+
+def test_london_student_learns_from_the_teacher(real_teacher, half_digits, tmp_path):
+    out = tmp_path / "run"
+    cli_ok("compress", "--teacher", real_teacher, "--student", "mobilenetv2_050", "--data", half_digits,
+           "--epochs", "8", "--lr", "0.05", *DIGITS, "--out", out)
+    assert top1(out, half_digits) >= 85.0
+    report = json.loads(cli_ok("lipschitz", out, "--data", half_digits, "--json", "--device", "cpu").stdout)
+    assert len(report["stages"]) == 3 and all(row["model"] > 0 and row["teacher"] > 0 for row in report["stages"])
