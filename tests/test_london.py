@@ -75,3 +75,12 @@ def test_vit_teacher_is_a_clear_error_for_london_but_works_for_kd():
     kd = make(method="kd", teacher_name="vit_tiny_patch16_224")
     _, losses = kd.train()(torch.rand(2, 3, 224, 224), torch.tensor([1, 2]))
     assert set(losses) == {"ce", "kd"}
+
+
+def test_raw_student_side_needs_no_connectors_and_still_trains_the_student():
+    distiller = make(**{"loss.ce": 0, "kd.weight": 0, "london.student_side": "raw"})
+    assert distiller.connectors is None
+    _, losses = distiller.train()(torch.rand(8, 3, 32, 32), torch.randint(0, 10, (8,)))
+    losses["lip"].backward()
+    assert sum(p.grad.abs().sum() for p in distiller.student.parameters() if p.grad is not None) > 0
+    assert all(p.grad is None for p in distiller.teacher.parameters())
