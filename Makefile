@@ -21,8 +21,9 @@ demo: venv
 	$(BIN)/lcdistill train --model resnet18 --data $(DEMO)/digits --epochs 10 --lr 0.1 $(DIGITS) --out $(DEMO)/teacher
 	$(BIN)/lcdistill compress --teacher $(DEMO)/teacher --student mobilenetv2_050 --data $(DEMO)/digits \
 		--method london --epochs 15 --lr 0.05 $(DIGITS) --out $(DEMO)/student
-	$(BIN)/lcdistill export $(DEMO)/student --format all --out $(DEMO)/export
-	$(BIN)/lcdistill eval $(DEMO)/student --data $(DEMO)/digits --save $(DEMO)/eval.json
+	$(BIN)/lcdistill export $(DEMO)/student --format all --quantize int8 --out $(DEMO)/export
+	$(BIN)/lcdistill eval $(DEMO)/student --data $(DEMO)/digits --exports $(DEMO)/export --save $(DEMO)/eval.json
+	$(BIN)/lcdistill report $(DEMO)/student --data $(DEMO)/digits --eval $(DEMO)/eval.json
 
 test: venv
 	$(BIN)/python -m pytest -q

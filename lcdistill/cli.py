@@ -417,6 +417,7 @@ def lipschitz(
 def report(
     run: str = typer.Argument(..., help="Run folder."),
     data: Optional[str] = typer.Option(None, "--data", help="Compute the Lipschitz chart on DIR/val when RUN/lipschitz.json is missing (saved there)."),
+    eval_file: Optional[str] = typer.Option(None, "--eval", help="`lcdistill eval --save` output for the table (default: RUN/eval.json)."),
     device: str = typer.Option("auto", "--device"),
 ):
     """RUN/report.html (self-contained) and RUN/plots/*.png: training curves, teacher/student/export table, Lipschitz chart.
@@ -426,6 +427,8 @@ def report(
 
     reports.pyplot()  # fail before any work when matplotlib is missing
     path = Path(run)
+    if eval_file is not None and not Path(eval_file).is_file():
+        raise UserError(f"--eval {eval_file} not found", "write it with `lcdistill eval RUN --data DIR --save FILE`")
     lip = None
     if data and not (path / "lipschitz.json").is_file() and (path / "student.json").is_file():
         from lcdistill.checkpoint import atomic_write_json
@@ -434,7 +437,8 @@ def report(
         runtime = setup_runtime({"device": device, "amp_dtype": "float32", "channels_last": False, "deterministic": False})
         lip = reports.compute_lipschitz(path, data, runtime.device)
         atomic_write_json(path / "lipschitz.json", lip)
-    written = reports.write(path, lipschitz=lip)
+    evaluation = reports.read_json(Path(eval_file)) if eval_file else None
+    written = reports.write(path, evaluation=evaluation, lipschitz=lip)
     typer.echo(f"report: {written['html']}")
     for plot in written["plots"]:
         typer.echo(f"plot: {plot}")

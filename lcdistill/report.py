@@ -39,7 +39,12 @@ def read_summary(run: Path) -> list[dict]:
 
 
 def read_json(path: Path | None) -> dict | None:
-    return json.loads(path.read_text()) if path is not None and path.is_file() else None
+    if path is None or not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise UserError(f"{path} is not a JSON file", "write it again with `lcdistill eval ... --save` or `lcdistill lipschitz ... --json`") from None
 
 
 def loss_parts(rows: list[dict]) -> list[str]:
@@ -61,10 +66,17 @@ def plot_losses(plt, rows: list[dict], path: Path) -> Path:
     for name in loss_parts(rows):
         points = [(r["epoch"], r[name]) for r in rows if name in r]
         ax.plot(*zip(*points), marker="o", label=name)
-    ax.set(xlabel="epoch", ylabel="training loss (epoch mean)", title="loss parts")
+    ax.set(xlabel="epoch", ylabel="training loss (epoch mean)", title="weighted loss parts ('loss' is their sum)")
+    whole_epochs(ax)
     ax.grid(alpha=0.3)
     ax.legend()
     return save_png(fig, path)
+
+
+def whole_epochs(ax) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
 def plot_accuracy(plt, rows: list[dict], teacher_top1: float | None, path: Path) -> Path:
@@ -76,6 +88,7 @@ def plot_accuracy(plt, rows: list[dict], teacher_top1: float | None, path: Path)
     if teacher_top1 is not None:
         ax.axhline(teacher_top1, color="black", linestyle="--", label=f"teacher {teacher_top1:.2f}")
     ax.set(xlabel="epoch", ylabel="val top-1 %", title="validation top-1")
+    whole_epochs(ax)
     ax.grid(alpha=0.3)
     ax.legend()
     return save_png(fig, path)

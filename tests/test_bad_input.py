@@ -34,8 +34,6 @@ def test_compress_without_data(teacher_run, tmp_path):
     assert_user_error(proc, "--data", run_dir=out)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="cli.py: train/eval declare --data as a required typer option, so typer "
-                   "prints a 5-line usage box instead of one line (see report)")
 def test_train_without_data(tmp_path):
     out = tmp_path / "run"
     proc = cli_process("train", "--model", "resnet18", *FAST, "--out", out)
@@ -178,8 +176,6 @@ def test_hub_teacher_with_other_class_count_offline(small_data, tmp_path):
     assert time.monotonic() - start < 15
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="models.resolve refuses pretrained=True for non-1000-class data for the student too, "
-                   "so `train --pretrained` can never fine-tune (pipeline.prepare must tell resolve the head is replaced; see report)")
 def test_train_pretrained_offline_asks_for_weights_file(small_data, tmp_path):
     # `train --pretrained` re-initialises the head for the data's classes: offline, the only
     # missing piece is the hub weights, so the error must point at --weights.

@@ -95,8 +95,6 @@ def test_recipes_lists_every_shipped_recipe_outside_the_repo(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="cli.py list_recipes: rich truncates the name column at 80 columns "
-                   "(tv_mobilenet_v3_… in a pipe or CI log); see report")
 def test_recipes_names_are_whole_at_80_columns():
     result = cli_ok("recipes", env={"COLUMNS": "80"})
     for name in SHIPPED:

@@ -9,7 +9,7 @@ import onnx
 import pytest
 import torch
 
-from conftest import EVAL, assert_user_error, cli, cli_ok, cli_process
+from conftest import EVAL, assert_user_error, cli, cli_ok
 from lcdistill import export
 
 # Three epochs on all 1,438 training digits: ~87% top-1 (40 s on 2 busy cores). A trained model
@@ -96,7 +96,8 @@ def test_int8_predictions_agree_with_fp32(int8_run, digits):
     run, _ = int8_run
     meta = export.read_onnx_metadata(run / "student.onnx")
     _, val = scan(digits, check=False)
-    images = normalize(torch.stack([image for image, *_ in ImageDataset(val, eval_transform(meta))]), meta["mean"], meta["std"])
+    dataset = ImageDataset(val, eval_transform(meta))
+    images = normalize(torch.stack([dataset[i][0] for i in range(len(dataset))]), meta["mean"], meta["std"])
     fp32 = export.run_onnx(export.onnx_session(run / "student.onnx"), images).argmax(1)
     int8 = export.run_onnx(export.onnx_session(run / "student.int8.onnx"), images).argmax(1)
     # the same class for almost every val image, not just the same count of right answers
@@ -110,7 +111,7 @@ def test_int8_predictions_agree_with_fp32(int8_run, digits):
 def test_bad_quantize_flags(int8_run, tmp_path, flags, words):
     run, _ = int8_run
     out = tmp_path / "out"
-    assert_user_error(cli_process("export", run, "--out", out, *flags), *words, run_dir=out)
+    assert_user_error(cli("export", run, "--out", out, *flags), *words, run_dir=out)
 
 
 def test_int8_without_training_images(int8_run, tmp_path):
@@ -120,3 +121,23 @@ def test_int8_without_training_images(int8_run, tmp_path):
     result = cli("export", lone, "--quantize", "int8", "--out", tmp_path / "out")
     assert_user_error(result, "calibrate", "--data")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_export_latency_benchmark_runs(int8_run, digits, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from conftest import subprocess_env
+
+    run, _ = int8_run
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "export_latency.py"
+    out = tmp_path / "export.md"
+    proc = subprocess.run([sys.executable, script, run, "--data", digits, "--rounds", "1", "--batch", "8", "--out", out],
+                          capture_output=True, text=True, timeout=300, env=subprocess_env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for row in ("| pytorch eager |", "| torchscript |", "| onnxruntime fp32 |", "| onnxruntime int8 |"):
+        assert row in proc.stdout, proc.stdout
+    assert "ONNX Runtime fp32 latency / eager at batch 1" in proc.stdout
+    assert out.read_text().strip() == proc.stdout.strip()
