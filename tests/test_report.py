@@ -108,3 +108,13 @@ def test_report_without_matplotlib(run, monkeypatch):
 
 def test_report_of_non_run(tmp_path):
     assert_user_error(cli("report", tmp_path), str(tmp_path), "not a finished")
+
+
+def test_report_eval_option(run, tmp_path):
+    saved = tmp_path / "elsewhere.json"  # as `make demo` keeps it: beside the run, not in it
+    saved.write_text(json.dumps({"student": {"top1": 12.345, "top5": 50.0, "kind": "pytorch"},
+                                 "onnx-int8": {"top1": 11.5, "top5": 49.0, "kind": "onnx", "file_bytes": 1_000_000}}))
+    cli_ok("report", run, "--eval", saved)
+    page = parse(run / "report.html")
+    assert page.cells[:1] == ["student"] and "12.35" in page.cells and "onnx-int8" in page.cells
+    assert_user_error(cli("report", run, "--eval", tmp_path / "missing.json"), "missing.json")
