@@ -96,8 +96,13 @@ def _train(recipe_layers: list[dict], data: str, teacher: str | None, teacher_we
     from lcdistill import pipeline, recipe as recipes
 
     recipe = recipes.build(recipe_layers)
-    prepared = pipeline.prepare(recipe, data, teacher, teacher_weights, out)
-    summary = pipeline.run(prepared, console_for(json_out))
+    _run(pipeline.prepare(recipe, data, teacher, teacher_weights, out), json_out)
+
+
+def _run(prepared, json_out: bool, resume: bool = False) -> None:
+    from lcdistill import pipeline
+
+    summary = pipeline.run(prepared, console_for(json_out), resume=resume)
     if json_out and prepared.runtime.main:
         print(json.dumps(summary))
 
@@ -133,11 +138,12 @@ def compress(
     from lcdistill import pipeline, recipe as recipes
 
     if resume:
+        given = [name for name, value in locals().items() if value not in (None, False, []) and name not in ("resume", "json_out", "pipeline", "recipes")]
+        if given:
+            raise UserError(f"--resume continues a run with its own recipe and takes no other settings (got {', '.join('--' + g.rstrip('_').replace('_', '-') for g in given)})",
+                            "drop them, or start a new run to change settings")
         recipe_dict, inputs = pipeline.load_resume(resume)
-        prepared = pipeline.prepare(recipe_dict, inputs["data"], inputs["teacher"], inputs["teacher_weights"], resume, resume=True)
-        summary = pipeline.run(prepared, console_for(json_out), resume=True)
-        if json_out and prepared.runtime.main:
-            print(json.dumps(summary))
+        _run(pipeline.prepare(recipe_dict, inputs["data"], inputs["teacher"], inputs["teacher_weights"], resume, resume=True), json_out, resume=True)
         return
     need_data(data)
     flags = _common_flags(epochs, batch_size, lr, device, seed, input_size, amp_dtype, channels_last, torchcompile, model_ema, workers, checkpoint_every, max_grad_norm, skip_bad_images)

@@ -5,6 +5,7 @@ proof that training and distillation work.
 """
 
 import json
+import os
 
 import pytest
 
@@ -13,6 +14,17 @@ from conftest import EVAL, cli_ok
 DIGITS = ["--input-size", "32", "--batch-size", "64", "--workers", "0", "--device", "cpu", "--set", "data.hflip=0",
           "--set", "data.scale=[0.6,1.0]", "--set", "data.crop_pct=1.0", "--set", "schedule.warmup_epochs=1"]
 pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module", autouse=True)
+def all_cores():
+    # these are real trainings: use every core, not the suite's one thread
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(2, os.cpu_count() or 2))
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
