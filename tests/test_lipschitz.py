@@ -21,16 +21,6 @@ from lcdistill.lipschitz import (
 )
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # These ops are tiny; on a busy 2-core machine OpenMP synchronisation
-    # made single SVDs here take tens of seconds.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def rel_err(a, b):
     a, b = torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64)
     return ((a - b).abs() / b.abs()).max().item()

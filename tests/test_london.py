@@ -22,14 +22,6 @@ def make(method="london", teacher_name="resnet18", **sets):
     return METHODS[method](student, teacher, recipe, CFG, CFG)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_lipschitz_term_trains_student_and_connectors_not_teacher():
     distiller = make(**{"loss.ce": 0, "kd.weight": 0})  # only the Lipschitz term
     teacher_before = copy.deepcopy(distiller.teacher.state_dict())
