@@ -351,6 +351,7 @@ def _run_data(path: Path) -> str | None:
 def list_recipes():
     """List the shipped student recipes."""
     from lcdistill import models, recipe as recipes
+    from lcdistill.evaluate import params
 
     table = Table(title="shipped recipes (use --student NAME)")
     for col in ("name", "model", "method", "epochs", "params (1000 classes)"):
@@ -359,7 +360,7 @@ def list_recipes():
         r = recipes.build([recipes.read_yaml(path)])
         s = r["student"]
         arch = {"source": models.resolve_source(s["source"], s["name"]), "name": s["name"], "kwargs": s["kwargs"]}
-        n = sum(p.numel() for p in models.build(arch, 1000).parameters())
+        n = params(models.build(arch, 1000))
         table.add_row(name, f"{arch['source']}:{s['name']}", r["method"], str(r["schedule"]["epochs"]), f"{n / 1e6:.2f}M")
     console_for().print(table)
 

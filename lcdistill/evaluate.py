@@ -146,12 +146,12 @@ def measure(target: dict, loader, device: torch.device, batch_size: int, mean, s
     meta = target["meta"]
     predict = target["predict"]
     module = target["module"]
-    on_device = target["kind"] != "onnx"
+    # ONNX Runtime sessions here run on the CPU; everything else on the chosen device
+    lat_device = device if target["kind"] != "onnx" else torch.device("cpu")
     if module is not None:
         module.to(device)
-    result = accuracy(predict, loader, device if on_device else torch.device("cpu"), mean, std)
+    result = accuracy(predict, loader, lat_device, mean, std)
     size = meta["input_size"]
-    lat_device = device if on_device else torch.device("cpu")
     sync = torch.cuda.synchronize if lat_device.type == "cuda" else (lambda: None)
     timings = {}
     for batch in (1, batch_size):

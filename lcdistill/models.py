@@ -43,7 +43,9 @@ class Loaded:
 
     @property
     def params(self) -> int:
-        return sum(p.numel() for p in self.model.parameters())
+        from lcdistill.evaluate import params
+
+        return params(self.model)
 
 
 @lru_cache(maxsize=1)
