@@ -381,40 +381,42 @@ def lipschitz(
 ):
     """Per-stage transmitting-matrix spectral norms (model, teacher, gap) and the per-layer upper bound."""
     from lcdistill import lipschitz_report, models
-    from lcdistill.data import ImageDataset, eval_loader, eval_transform, scan
+    from lcdistill.data import scan
     from lcdistill.trainer import setup_runtime
 
     need_data(data)
     runtime = setup_runtime({"device": device, "amp_dtype": "float32", "channels_last": False, "deterministic": False})
     _, val = scan(data)
     n = len(val.classes)
-    model = models.resolve(target, n, pretrained=False) if not Path(target).exists() else models.load_run(Path(target))
-    meta = model.meta or {"input_size": model.data_config["input_size"], **model.data_config}
-    t = None
+    model = models.load_run(Path(target)) if Path(target).exists() else models.resolve(target, n, pretrained=False)
+    t, own = None, False
     if not no_teacher:
         if teacher:
             t = models.resolve(teacher, n, weights=teacher_weights)
         elif model.meta.get("teacher"):
-            t = models.rebuild(model.meta["teacher"]["spec"], n)
-    size = meta["input_size"]
-    loader = eval_loader(ImageDataset(val, eval_transform({**model.data_config, **meta})), batch_size, 0)
+            t, own = models.rebuild(model.meta["teacher"]["spec"], n), True
     try:
-        result = lipschitz_report.report(model.model, model.data_config, t.model if t else None, t.data_config if t else None,
-                                         loader, runtime.device, size, min_stride, batches)
+        # the run's own connectors fit only its own teacher
+        result = lipschitz_report.measure(model, t, val, runtime.device, batches, batch_size, min_stride,
+                                          run_dir=Path(target) if own and Path(target).is_dir() else None)
     except ValueError as e:
         raise UserError(f"lipschitz: {e}", "pass --min-stride 2, or a CNN with stride-separated stages") from None
-    result.update(model=model.origin, teacher=t.origin if t else None)
+    connected = "connected" in result["stages"][0]
     if json_out:
         print(json.dumps(result))
         return
-    table = Table(title=f"transmitting-matrix spectral norms on {data}/val ({batches} batches)")
-    for col in ("stages", "model", "teacher", "gap"):
+    table = Table(title=f"transmitting-matrix spectral norms on {batches} random batches of {data}/val")
+    columns = ("stages", "model", "teacher", "gap") + (("connected", "connected gap") if connected else ())
+    for col in columns:
         table.add_column(col, justify="left" if col == "stages" else "right")
     for row in result["stages"]:
         f = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
-        table.add_row(f"{row['name']}  ({' -> '.join(row['model_stages'])})", f(row["model"]), f(row["teacher"]), f(row["gap"]))
+        cells = [f(row["model"]), f(row["teacher"]), f(row["gap"])] + ([f(row["connected"]), f(row["connected_gap"])] if connected else [])
+        table.add_row(f"{row['name']}  ({' -> '.join(row['model_stages'])})", *cells)
     console = console_for()
     console.print(table)
+    if connected:
+        console.print("connected: the student's maps through the run's 1x1 conv + BN connectors, the quantity the Lipschitz term matches")
     ub = result["upper_bound"]
     console.print(f"per-layer upper bound (product of exact layer norms, BN folded): {ub:.3e}" if ub else "per-layer upper bound: 0 or overflow")
 

@@ -95,17 +95,21 @@ def plot_accuracy(plt, rows: list[dict], teacher_top1: float | None, path: Path)
 
 
 def plot_lipschitz(plt, lip: dict, path: Path) -> Path:
-    """Per-stage transmitting-matrix spectral norms: student beside teacher."""
+    """Per-stage transmitting-matrix spectral norms: the student (own maps and, for london, through its
+    connectors) beside the teacher."""
     import numpy as np
 
     stages = lip["stages"]
     x = np.arange(len(stages))
-    has_teacher = any(s.get("teacher") is not None for s in stages)
-    width = 0.38 if has_teacher else 0.6
+    bars = [("student", [s["model"] for s in stages])]
+    if any(s.get("connected") is not None for s in stages):  # a london run: what the Lipschitz term matched
+        bars.append(("student via connectors", [s["connected"] for s in stages]))
+    if any(s.get("teacher") is not None for s in stages):
+        bars.append(("teacher", [s["teacher"] or 0 for s in stages]))
+    width = 0.8 / len(bars)
     fig, ax = plt.subplots(figsize=(6, 3.6))
-    ax.bar(x - (width / 2 if has_teacher else 0), [s["model"] for s in stages], width, label="student")
-    if has_teacher:
-        ax.bar(x + width / 2, [s["teacher"] or 0 for s in stages], width, label="teacher")
+    for i, (label, values) in enumerate(bars):
+        ax.bar(x + (i - (len(bars) - 1) / 2) * width, values, width, label=label)
     ax.set_xticks(x, [s["name"] for s in stages], rotation=15)
     ax.set(ylabel="TM spectral norm (val mean)", title="per-stage Lipschitz estimate")
     ax.grid(alpha=0.3, axis="y")
@@ -214,15 +218,12 @@ def write(run: Path, evaluation: dict | None = None, lipschitz: dict | None = No
 def compute_lipschitz(run: Path, data: str, device, batches: int = 4) -> dict:
     """What `lcdistill lipschitz RUN --data DIR --json` prints: the student's per-stage norms beside its teacher's."""
     from lcdistill import lipschitz_report, models
-    from lcdistill.data import ImageDataset, eval_loader, eval_transform, scan
+    from lcdistill.data import scan
 
     student = models.load_run(Path(run))
     teacher = models.rebuild(student.meta["teacher"]["spec"], student.num_classes) if student.meta.get("teacher") else None
     _, val = scan(data)
-    loader = eval_loader(ImageDataset(val, eval_transform(student.meta)), 64, 0)
     try:
-        result = lipschitz_report.report(student.model, student.data_config, teacher.model if teacher else None,
-                                         teacher.data_config if teacher else None, loader, device, student.meta["input_size"], batches=batches)
+        return lipschitz_report.measure(student, teacher, val, device, batches, run_dir=Path(run) if Path(run).is_dir() else None)
     except ValueError as e:
         raise UserError(f"lipschitz: {e}", "this architecture has too few stride-separated stages for the chart") from None
-    return {**result, "model": student.origin, "teacher": teacher.origin if teacher else None}
