@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import signal
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -453,10 +454,23 @@ def report(
         typer.echo(f"plot: {plot}")
 
 
+class Terminated(BaseException):
+    """SIGTERM outside training (the trainer checkpoints on its own): unwinds like Ctrl-C, so
+    half-made run folders are removed on the way out."""
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated()
+
+
 def main() -> None:
     """Entry point: usage errors too become one line on stderr and exit 2."""
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         code = app(standalone_mode=False)
+    except Terminated:
+        typer.echo("error: terminated by SIGTERM (nothing half-written is left behind); run the command again", err=True)
+        sys.exit(143)
     except Exception as e:  # click's and typer's own (vendored) usage errors share no importable base
         kind = type(e).__name__
         if kind == "NoArgsIsHelpError":

@@ -171,6 +171,19 @@ def test_sigterm_then_resume_finishes(small_data, tmp_path):
     assert steps == list(range(1, STEPS_PER_EPOCH + 1)), "a step was logged twice or not at all"
 
 
+def test_sigterm_while_the_run_is_being_set_up_is_one_line_and_leaves_no_folder(small_data, tmp_path):
+    # The signal lands after the run folder is made and before training (and its own handlers) starts.
+    out = tmp_path / "run"
+    code = ("import os, signal, sys; from lcdistill import cli, trainer; real = trainer.Trainer.fit\n"
+            "def fit(self):\n    assert (self.run_dir / 'recipe.yaml').is_file(); os.kill(os.getpid(), signal.SIGTERM); return real(self)\n"
+            "trainer.Trainer.fit = fit; sys.argv[1:] = sys.argv[2:]; cli.main()")
+    proc = subprocess.run([sys.executable, "-c", code, "--", "compress", "--data", small_data, *CE, "--out", out],
+                          capture_output=True, text=True, timeout=120, env=subprocess_env())
+    assert proc.returncode == 143, proc.stderr
+    assert "SIGTERM" in stderr_line(proc.stderr) and "Traceback" not in proc.stderr
+    assert not out.exists()
+
+
 def test_signal_during_evaluation_stops_after_the_epoch(small_data, tmp_path, monkeypatch):
     # In-process: SIGTERM arrives while the epoch's validation runs, after the last step.
     from lcdistill.trainer import Trainer
