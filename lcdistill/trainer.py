@@ -317,6 +317,7 @@ class Trainer:
                 targets = targets.to(rt.device, non_blocking=True)
                 if rt.channels_last:
                     images = images.contiguous(memory_format=torch.channels_last)
+                self.distiller.progress = self.global_step / self.steps_per_epoch
                 with rt.autocast():
                     _, losses = self.model(images, targets)
                 loss = sum(losses.values())
@@ -356,7 +357,9 @@ class Trainer:
                 progress.update(task, advance=1)
                 if self.checkpoint_every and self.global_step % self.checkpoint_every == 0:
                     self.save_checkpoint()
-                if self._should_stop():
+                # Several processes must agree to stop, which costs an all_reduce and a GPU sync:
+                # only every log_every steps there (the epoch end checks again).
+                if (rt.world == 1 or self.step_in_epoch % self.log_every == 0) and self._should_stop():
                     self._stop()
         n = max(self.step_in_epoch, 1)
         self.epoch_losses = {k: (v / n).item() for k, v in sums.items()}
