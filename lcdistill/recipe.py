@@ -38,6 +38,7 @@ DEFAULTS: dict[str, Any] = {
     },
     "london": {
         "alpha": 1.0,  # weight of the Lipschitz term
+        "warmup_epochs": 3,  # ramp the term's weight linearly from 0 to alpha over the first epochs (0: full weight from the start)
         "distance": "log_mse",  # log_mse (default, scale-free) | mse (authors') | relative
         "student_side": "connected",  # connected: through the connectors (authors') | raw: the student's own stage maps
         "iterations": 5,  # power-iteration steps for each spectral norm
@@ -233,6 +234,10 @@ def validate(recipe: dict) -> None:
             raise UserError(f"schedule.{key} must be a positive integer, got {sched[key]!r}", f"pass --set schedule.{key}=N")
     if not isinstance(sched["lr"], (int, float)) or sched["lr"] <= 0:
         raise UserError(f"schedule.lr must be a positive number, got {sched['lr']!r}", "pass --lr X")
+    for key in ("alpha", "warmup_epochs"):
+        value = recipe["london"][key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+            raise UserError(f"london.{key} must be a number >= 0, got {value!r}", f"pass --set london.{key}=X")
     if recipe["london"]["student_side"] not in ("raw", "connected"):
         raise UserError(f"unknown london.student_side '{recipe['london']['student_side']}'", "choose raw or connected")
     if recipe["london"]["distance"] not in ("log_mse", "mse", "relative"):

@@ -14,6 +14,7 @@ CFG = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
 
 
 def make(method="london", teacher_name="resnet18", **sets):
+    sets.setdefault("london.warmup_epochs", 0)  # full weight at once: no trainer sets progress here
     layers = [{"student": {"name": "mobilenetv2_050"}, "method": method}] + [recipes.parse_override(f"{k}={v}") for k, v in sets.items()]
     recipe = recipes.build(layers)
     torch.manual_seed(0)
@@ -46,7 +47,19 @@ def test_alpha_scales_the_term_and_zero_alpha_removes_it():
     one = make(**{"london.alpha": 1.0}).train()(images, targets)[1]["lip"]
     three = make(**{"london.alpha": 3.0}).train()(images, targets)[1]["lip"]
     torch.testing.assert_close(three, 3 * one)
-    assert "lip" not in make(**{"london.alpha": 0}).train()(images, targets)[1]
+    idle = make(**{"london.alpha": 0}).train()
+    assert "lip" not in idle(images, targets)[1]
+    # kept for measuring the gap, frozen so DDP sees no parameter left without gradient
+    assert idle.connectors is not None and not any(p.requires_grad for p in idle.connectors.parameters())
+
+
+def test_warmup_ramps_the_term_linearly_with_training_progress():
+    images, targets = torch.rand(4, 3, 32, 32), torch.randint(0, 10, (4,))
+    full = make().train()(images, targets)[1]["lip"]
+    ramped = make(**{"london.warmup_epochs": 2}).train()
+    for progress, share in ((0.0, 0.0), (0.5, 0.25), (1.0, 0.5), (2.0, 1.0), (7.5, 1.0)):
+        ramped.progress = progress  # what the trainer sets before each step
+        torch.testing.assert_close(ramped(images, targets)[1]["lip"], share * full)
 
 
 def test_default_pairs_are_by_stride_deeper_weighted_more():

@@ -114,6 +114,8 @@ def test_free_form_is_only_student_kwargs():
     ("schedule.batch_size=2.5", ["schedule.batch_size"]),
     ("schedule.lr=-1", ["schedule.lr"]),
     ("london.distance=l1", ["london.distance", "log_mse"]),
+    ("london.alpha=-1", ["london.alpha", ">= 0"]),
+    ("london.warmup_epochs=soon", ["london.warmup_epochs", ">= 0"]),
     ("train.amp_dtype=fp8", ["amp_dtype", "bfloat16"]),
 ])
 def test_invalid_values(override, words):

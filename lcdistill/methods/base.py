@@ -29,6 +29,7 @@ class Distiller(nn.Module):
         self.student_stats = (student_cfg["mean"], student_cfg["std"])
         self.teacher_stats = (teacher_cfg["mean"], teacher_cfg["std"]) if teacher_cfg else None
         self.stats: dict[str, torch.Tensor] = {}  # detached diagnostics of the last step
+        self.progress = 0.0  # epochs done (fractional), set by the trainer before each step: for loss warm-ups
 
     def train(self, mode: bool = True):
         super().train(mode)

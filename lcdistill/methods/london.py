@@ -38,6 +38,7 @@ class London(KD):
         super().__init__(student, teacher, recipe, student_cfg, teacher_cfg)
         settings = recipe["london"]
         self.alpha = float(settings["alpha"])
+        self.warmup_epochs = float(settings["warmup_epochs"])
         self.feature_weight = float(settings["feature_weight"])
         self.iterations = int(settings["iterations"])
         self.distance = settings["distance"]
@@ -50,9 +51,12 @@ class London(KD):
         self.register_buffer("pair_weights", torch.tensor(weights, dtype=torch.float32), persistent=False)
         self.student_names = [s.name for s, _ in self.pairs]
         self.teacher_names = [t.name for _, t in self.pairs]
-        # Connectors exist only where a loss uses them (DDP refuses parameters without gradient).
         used = self.connect or self.feature_weight
         self.connectors = nn.ModuleList(connector(s.channels, t.channels) for s, t in self.pairs) if used else None
+        if used and not self.alpha and not self.feature_weight:
+            # alpha = 0: no loss trains them (and DDP refuses parameters without gradient), but they
+            # stay, BN statistics and all, so the run's connected gap can be measured as a baseline.
+            self.connectors.requires_grad_(False)
         self.student_tap = FeatureTap(student, self.student_names)
         self.teacher_tap = FeatureTap(teacher, self.teacher_names)
 
@@ -85,7 +89,8 @@ class London(KD):
             s_sigma = stage_sigmas(connected if self.connect else raw, self.iterations)
             with torch.no_grad():
                 t_sigma = stage_sigmas(teacher_features, self.iterations)
-            losses["lip"] = self.alpha * lipschitz_loss(s_sigma, t_sigma, self.pair_weights, self.distance)
+            ramp = min(1.0, self.progress / self.warmup_epochs) if self.warmup_epochs > 0 else 1.0
+            losses["lip"] = self.alpha * ramp * lipschitz_loss(s_sigma, t_sigma, self.pair_weights, self.distance)
             self.stats["lip_gap"] = (s_sigma.detach() - t_sigma).abs().mean(0)
         if self.feature_weight:
             losses["feat"] = self.feature_weight * sum(F.mse_loss(s, t) for s, t in zip(connected, teacher_features))
