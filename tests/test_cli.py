@@ -260,3 +260,22 @@ def test_compress_and_eval_on_cuda(teacher_run, small_data, tmp_path):
     assert yaml.safe_load((out / "recipe.yaml").read_text())["train"]["device"] == "cuda"
     result = eval_json(out, small_data, "--device", "cuda")
     assert 0 <= result["student"]["top1"] <= 100 and "cuda" in result["student"]["device"]
+
+
+# ---- lipschitz ----------------------------------------------------------------------------
+def test_lipschitz_shows_a_london_run_through_its_connectors(compress_run, teacher_run, small_data):
+    london = run_for(compress_run, "london")
+    args = ("--data", small_data, "--device", "cpu", "--batches", "2", "--batch-size", "16")
+    rows = json.loads(cli_ok("lipschitz", london, *args, "--json").stdout)["stages"]
+    assert [r["name"] for r in rows] == ["stride 4->8", "stride 8->16", "stride 16->32"]
+    for r in rows:
+        # the connectors map the student's channels to the teacher's: another matrix, another norm
+        assert r["connected"] > 0 and r["connected"] != pytest.approx(r["model"], rel=1e-3)
+        assert r["connected_gap"] == pytest.approx(r["connected"] - r["teacher"])
+        assert r["gap"] == pytest.approx(r["model"] - r["teacher"])
+    assert "connected gap" in cli_ok("lipschitz", london, *args).stdout
+    # connectors fit only the run's own teacher; a kd run has none
+    named = json.loads(cli_ok("lipschitz", london, *args, "--teacher", teacher_run, "--json").stdout)["stages"]
+    kd = json.loads(cli_ok("lipschitz", run_for(compress_run, "kd"), *args, "--json").stdout)["stages"]
+    assert "connected" not in named[0] and "connected" not in kd[0]
+    assert [r["teacher"] for r in named] == pytest.approx([r["teacher"] for r in rows])

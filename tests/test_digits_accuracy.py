@@ -1,7 +1,7 @@
-"""Accuracy on real digits: a real teacher and a LONDON student trained from it.
+"""Accuracy on real digits: a real teacher and LONDON students trained from it.
 
-The slowest file of the suite (about a minute and a half on 2 idle cores): the end-to-end
-proof that training and distillation work.
+The slowest file of the suite (about two and a half minutes on 2 idle cores): the end-to-end
+proof that training and distillation work, and that the Lipschitz term does what it claims.
 """
 
 import json
@@ -14,6 +14,10 @@ from conftest import EVAL, cli_ok
 DIGITS = ["--input-size", "32", "--batch-size", "64", "--workers", "0", "--device", "cpu", "--set", "data.hflip=0",
           "--set", "data.scale=[0.6,1.0]", "--set", "data.crop_pct=1.0", "--set", "schedule.warmup_epochs=1"]
 pytestmark = pytest.mark.slow
+# Measured (docs/method.md): at lr 0.05 about one run in ten, with or without the Lipschitz term, ends near 90%
+# after a KD loss spike at peak lr; at lr 0.02, 2 seeds each, default 97.2 / 96.9% and alpha = 0 97.8 / 96.7%, no
+# spike. 3 points (11 of 359 val images) lets one seed stand for each without letting a real loss of accuracy through.
+TOP1_SLACK = 3.0
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -42,10 +46,29 @@ def test_teacher_learns_digits(real_teacher, digits):
     assert top1(real_teacher, digits) >= 97.0
 
 
-def test_london_student_learns_from_the_teacher(real_teacher, digits, tmp_path):
-    out = tmp_path / "run"
-    cli_ok("compress", "--teacher", real_teacher, "--student", "mobilenetv2_050", "--data", digits,
-           "--epochs", "10", "--lr", "0.05", *DIGITS, "--out", out)
-    assert top1(out, digits) >= 90.0
-    report = json.loads(cli_ok("lipschitz", out, "--data", digits, "--json", "--device", "cpu").stdout)
+@pytest.fixture(scope="module")
+def london_runs(real_teacher, digits, tmp_path_factory):
+    """Students of the same seed and schedule: the default recipe, and alpha = 0 (connectors, no Lipschitz term)."""
+    runs = {}
+    for name, extra in (("default", []), ("alpha0", ["--set", "london.alpha=0"])):
+        runs[name] = tmp_path_factory.mktemp(f"london-{name}") / "run"
+        cli_ok("compress", "--teacher", real_teacher, "--student", "mobilenetv2_050", "--data", digits,
+               "--epochs", "10", "--lr", "0.02", *DIGITS, "--set", "schedule.warmup_epochs=2", *extra, "--out", runs[name])
+    return runs
+
+
+def test_london_student_learns_from_the_teacher(london_runs, digits):
+    assert top1(london_runs["default"], digits) >= 90.0
+
+
+def connected_gap(run, data) -> float:
+    """Mean over stage pairs of |student - teacher| TM spectral norm, student through its connectors."""
+    report = json.loads(cli_ok("lipschitz", run, "--data", data, "--json", "--device", "cpu", "--batches", "6").stdout)
     assert len(report["stages"]) == 3 and all(row["model"] > 0 and row["teacher"] > 0 for row in report["stages"])
+    return sum(abs(row["connected_gap"]) for row in report["stages"]) / len(report["stages"])
+
+
+def test_default_alpha_shrinks_the_lipschitz_gap_without_hurting_top1(london_runs, digits):
+    default, baseline = connected_gap(london_runs["default"], digits), connected_gap(london_runs["alpha0"], digits)
+    assert default <= 0.7 * baseline, (default, baseline)
+    assert top1(london_runs["default"], digits) >= top1(london_runs["alpha0"], digits) - TOP1_SLACK
