@@ -5,7 +5,7 @@ benchmarks/results/methods.md and prints it. The student sees only --fraction of
 training images (per class), so distillation has room to show; the teacher is
 trained on all of them.
 
-    python benchmarks/methods.py --fraction 0.2 --seeds 0 1 2 --epochs 40
+    python benchmarks/methods.py --fraction 0.2 --seeds 0 1 2 --epochs 40 --lr 0.02
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import torch
 from rich.console import Console
 
 from lcdistill import lipschitz_report, models, pipeline, recipe as recipes
-from lcdistill.data import ImageDataset, eval_loader, eval_transform, scan, write_digits
+from lcdistill.data import scan, write_digits
 
 DIGITS = {"data": {"input_size": 32, "hflip": 0.0, "scale": [0.6, 1.0], "crop_pct": 1.0, "workers": 0}}
 
