@@ -27,6 +27,7 @@ import torch
 
 from lcdistill import __version__, evaluate, export, models, quantize
 from lcdistill.data import ImageDataset, eval_loader, eval_transform, scan
+from publish import publish  # benchmarks/publish.py: scripts run from this folder
 
 
 def cpu_name() -> str:
@@ -115,12 +116,7 @@ def main() -> None:
         f"throughput @{args.batch} {ms[(fp32, args.batch)] / ms[(int8, args.batch)]:.2f}x, file {sizes[int8] / sizes[fp32]:.2f}x.",
         "",
     ]
-    text = "\n".join(lines)
-    print(text)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "a") as f:
-        f.write(text + "\n")
+    publish("\n".join(lines), args.out)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from rich.console import Console
 
 from lcdistill import lipschitz_report, models, pipeline, recipe as recipes
 from lcdistill.data import scan, write_digits
+from publish import publish  # benchmarks/publish.py: scripts run from this folder
 
 DIGITS = {"data": {"input_size": 32, "hflip": 0.0, "scale": [0.6, 1.0], "crop_pct": 1.0, "workers": 0}}
 
@@ -115,12 +116,7 @@ def compare(args, work: Path) -> None:
                 gaps.append("-")
         lines.append(f"| {spec} | {statistics.mean(tops):.2f} +- {std:.2f} | {', '.join(f'{v:.1f}' for v in tops)} | {' | '.join(gaps)} |")
     lines += ["", f"Extra overrides: {args.sets or 'none'}. Took {time.time() - start:.0f} s on {torch.get_num_threads()} CPU threads.", ""]
-    text = "\n".join(lines)
-    print(text)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "a") as f:
-        f.write(text + "\n")
+    publish("\n".join(lines), args.out)
 
 
 def main() -> None:

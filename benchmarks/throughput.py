@@ -39,6 +39,7 @@ from lcdistill import data, gpu_data, models, recipe as recipes
 from lcdistill.data import normalize
 from lcdistill.methods import METHODS
 from lcdistill.trainer import setup_runtime
+from publish import publish  # benchmarks/publish.py: scripts run from this folder
 
 
 # ---- the JPEG folder ---------------------------------------------------------------------------
@@ -288,11 +289,7 @@ def main(argv: list[str] | None = None) -> None:
         for label, gpu in (("gpu-decode", True), ("cpu-path", False)):
             row(f"e2e london {label} {e2e_mode}", make, lambda gpu=gpu: loader_batches(root, recipe, student_cfg, rt, args.batch_size, args.workers, gpu))
 
-    text = report(results, args, rt, compiled, e2e_mode)
-    print(text)
-    if args.out:
-        with open(args.out, "a") as f:
-            f.write("\n" + text)
+    publish(report(results, args, rt, compiled, e2e_mode), args.out)
 
 
 if __name__ == "__main__":

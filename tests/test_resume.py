@@ -65,6 +65,19 @@ def stderr_line(stderr: str) -> str:
     return lines[0]
 
 
+def stop_after_a_step(proc: subprocess.Popen, out: Path, sig: int, group: bool, code: int) -> dict:
+    """Signal a run (its whole process group, as Ctrl-C does, or the process alone) once it has
+    logged a step; it must exit with `code` and one line naming the signal and the resume command.
+    Returns the checkpoint it left."""
+    wait_for(has_steps(out), proc)
+    (os.killpg if group else os.kill)(proc.pid, sig)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == code, err
+    line = stderr_line(err)
+    assert signal.Signals(sig).name in line and f"--resume {out}" in line
+    return load_state(out / LAST)
+
+
 def assert_same_student(a: Path, b: Path) -> None:
     one, two = load_file(a / "student.safetensors"), load_file(b / "student.safetensors")
     assert one.keys() == two.keys()
@@ -137,13 +150,7 @@ def test_ctrl_c_with_loader_workers_then_resume_is_the_unbroken_run(london, refe
     # 2 workers it started with; augmentation is seeded per sample, so it still matches 0 workers.
     out = tmp_path / "run"
     proc = start(*london, "--workers", "2", "--out", out)
-    wait_for(has_steps(out), proc)
-    os.killpg(proc.pid, signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err
-    line = stderr_line(err)
-    assert "SIGINT" in line and f"--resume {out}" in line
-    state = load_state(out / LAST)
+    state = stop_after_a_step(proc, out, signal.SIGINT, group=True, code=130)
     assert state["epoch"] == 0 and state["global_step"] >= 1
 
     resume(out)
@@ -154,13 +161,7 @@ def test_ctrl_c_with_loader_workers_then_resume_is_the_unbroken_run(london, refe
 def test_sigterm_then_resume_finishes(small_data, tmp_path):
     out = tmp_path / "run"
     proc = start("--data", small_data, *CE, "--out", out)
-    wait_for(has_steps(out), proc)
-    os.kill(proc.pid, signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 143, err
-    line = stderr_line(err)
-    assert "SIGTERM" in line and f"--resume {out}" in line
-    state = load_state(out / LAST)
+    state = stop_after_a_step(proc, out, signal.SIGTERM, group=False, code=143)
     assert state["global_step"] >= 1 and state["epoch"] == 0
 
     done = cli("compress", "--resume", out)  # in-process: this one is about the stop, not the restart
