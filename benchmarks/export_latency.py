@@ -25,8 +25,9 @@ from pathlib import Path
 import onnxruntime
 import torch
 
-from lcdistill import __version__, evaluate, export, models, quantize
-from lcdistill.data import ImageDataset, eval_loader, eval_transform, scan
+from lcdistill import __version__, artifacts, evaluate, export, quantize
+from lcdistill.data import eval_loader
+from lcdistill.runfolder import RunFolder
 from publish import publish  # benchmarks/publish.py: scripts run from this folder
 
 
@@ -42,16 +43,16 @@ def cpu_name() -> str:
 
 def predictors(run: Path, data: str, work: Path, calibration: int) -> dict:
     """name -> (predict(normalised batch) -> logits, file or None)."""
-    loaded = models.load_run(run)
-    model, meta = loaded.model.eval(), loaded.meta
-    onnx_file = export.to_onnx(model, meta, work / "student.onnx")
+    target = artifacts.identify(run, accept=("run",))
+    model, meta, task = target.loaded.model.eval(), target.meta, target.task
+    onnx_file = export.to_onnx(model, meta, work / "student.onnx", task.export)
     ts_file = export.to_torchscript(model, meta, work / "student.pt")
-    int8_file = quantize.quantize(onnx_file, quantize.int8_path(onnx_file), quantize.calibration_batches(data, meta, calibration), data)
+    int8_file = quantize.quantize(onnx_file, quantize.int8_path(onnx_file), quantize.calibration_batches(task, data, meta, calibration), data)
     with export.quiet_jit():
         scripted = torch.jit.load(str(ts_file)).eval()
     fp32_session, int8_session = export.onnx_session(onnx_file), export.onnx_session(int8_file)
     return {
-        "pytorch eager": (model, run / models.MODEL_FILE),
+        "pytorch eager": (model, RunFolder(run).student),
         "torchscript": (scripted, ts_file),
         "onnxruntime fp32": (lambda x: export.run_onnx(fp32_session, x), onnx_file),
         "onnxruntime int8": (lambda x: export.run_onnx(int8_session, x), int8_file),
@@ -71,14 +72,16 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)  # export.onnx_session gives ONNX Runtime the same count
     run = Path(args.run)
-    data = args.data or json.loads((run / "run.json").read_text())["data"]
-    meta = models.read_meta(run)
+    data = args.data or json.loads(RunFolder(run).inputs.read_text())["data"]
+    target = artifacts.identify(run, accept=("run",))
+    meta, task = target.meta, target.task
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="lcd-export-bench-") as tmp, torch.no_grad():
         runtimes = predictors(run, data, Path(tmp), args.calibration_images)
-        _, val = scan(data, check=False)
-        loader = eval_loader(ImageDataset(val, eval_transform(meta)), 128, 0)
-        top1 = {name: evaluate.accuracy(p, loader, torch.device("cpu"), meta["mean"], meta["std"])["top1"] for name, (p, _) in runtimes.items()}
+        val = task.scan(data, check=False).val
+        loader = eval_loader(task.eval_dataset(val, meta), 128, 0)
+        top1 = {name: evaluate.score(p, loader, torch.device("cpu"), meta["mean"], meta["std"], task.metric(len(meta["classes"])))["top1"]
+                for name, (p, _) in runtimes.items()}
         sizes = {name: evaluate.file_size(str(f)) for name, (_, f) in runtimes.items()}
         inputs = {b: torch.randn(b, *meta["input_size"], generator=torch.Generator().manual_seed(b)) for b in (1, args.batch)}
         times: dict[tuple[str, int], list[float]] = {(n, b): [] for n in runtimes for b in inputs}

@@ -22,8 +22,9 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from lcdistill import lipschitz_report, models, pipeline, recipe as recipes
+from lcdistill import models, recipe as recipes, run as runs, tasks
 from lcdistill.data import scan, write_digits
+from lcdistill.lipschitz import report as lipschitz_report
 from publish import publish  # benchmarks/publish.py: scripts run from this folder
 
 DIGITS = {"data": {"input_size": 32, "hflip": 0.0, "scale": [0.6, 1.0], "crop_pct": 1.0, "workers": 0}}
@@ -43,8 +44,8 @@ def subset(src: Path, dst: Path, fraction: float, seed: int = 0) -> None:
 
 def run(layers: list[dict], data: Path, teacher: str | None, out: Path) -> dict:
     recipe = recipes.build(layers)
-    prepared = pipeline.prepare(recipe, str(data), teacher, None, str(out))
-    return pipeline.run(prepared, Console(file=io.StringIO()))
+    prepared = runs.prepare(recipe, str(data), teacher, None, str(out))
+    return runs.run(prepared, Console(file=io.StringIO()))
 
 
 def lip_gaps(run_dir: Path, data: Path, teacher_dir: Path) -> dict:
@@ -52,9 +53,10 @@ def lip_gaps(run_dir: Path, data: Path, teacher_dir: Path) -> dict:
     and, for london runs, through the run's connectors ("connected", what the term matches)."""
     student = models.load_run(run_dir)
     teacher = models.load_run(teacher_dir)
-    _, val = scan(data, check=False)
+    task = tasks.get("classification")
+    val = task.scan(data, check=False).val
     own = student.meta.get("teacher") is not None
-    rep = lipschitz_report.measure(student, teacher, val, torch.device("cpu"), batches=6, run_dir=run_dir if own else None, bound=False)
+    rep = lipschitz_report.measure(student, teacher, val, task, torch.device("cpu"), batches=6, run_dir=run_dir if own else None, bound=False)
     gaps = {"raw": [abs(row["gap"]) for row in rep["stages"]]}
     if "connected" in rep["stages"][0]:
         gaps["connected"] = [abs(row["connected_gap"]) for row in rep["stages"]]

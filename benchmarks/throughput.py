@@ -5,10 +5,10 @@ eager and torch.compile, and end to end from a JPEG folder through lcdistill's l
 
 Rows (images/s, steady state after --warmup steps, peak GPU memory over the timed steps):
   plain       timm models, teacher under inference_mode, CE + KL, torch SGD: the reference
-  kd, london  lcdistill's Distiller for the method (lcdistill.methods.METHODS) with the
+  kd, london  lcdistill's Distiller for the method (lcdistill.methods.build) with the
               optimizer the trainer makes, the same step as Trainer.train_epoch
   e2e ...     the london step fed by lcdistill's own loader from a generated JPEG folder:
-              the GPU decode path (gpu_data) and the CPU timm path with --workers processes
+              the GPU decode path (lcdistill.data.gpu) and the CPU timm path with --workers processes
 Compute rows use one fixed batch already on the device. Everything runs on CPU too
 (slowly; tiny settings) so the script itself is tested; see benchmarks/README.md.
 """
@@ -35,10 +35,11 @@ import torchvision
 from PIL import Image
 from rich.console import Console
 
-from lcdistill import data, gpu_data, models, recipe as recipes
+from lcdistill import data, models, recipe as recipes
+from lcdistill.data import gpu as gpu_data
 from lcdistill.data import normalize
-from lcdistill.methods import METHODS
-from lcdistill.trainer import setup_runtime
+from lcdistill import methods, tasks
+from lcdistill.train import setup_runtime
 from publish import publish  # benchmarks/publish.py: scripts run from this folder
 
 
@@ -108,16 +109,16 @@ def lcdistill_step(method: str, teacher_name: str, student_name: str, classes: i
 
     teacher = models.resolve(teacher_name, classes, pretrained=False)
     student = models.resolve(student_name, classes, pretrained=False)
-    distiller = METHODS[method](student.model, teacher.model, recipe, student.data_config, teacher.data_config).to(rt.device)
+    recipe = {**recipe, "method": method}
+    distiller = methods.build(recipe, tasks.get("classification"), student.model, teacher.model, student.data_config, teacher.data_config).to(rt.device)
     if rt.channels_last:
         distiller.to(memory_format=torch.channels_last)
     if backend:  # as the trainer does with train.compile, with a choosable backend
         distiller.student.compile(backend=backend)
         distiller.teacher.compile(backend=backend)
-    extras = distiller.extras()
-    trainable = torch.nn.ModuleDict({"student": distiller.student, **({"extras": extras} if extras is not None else {})})
     sched = recipe["schedule"]
-    optimizer = create_optimizer_v2(trainable, opt=sched["optimizer"], lr=sched["lr"], weight_decay=sched["weight_decay"], momentum=sched["momentum"])
+    # what trains: the student and the terms' extras (the teacher is held outside the distiller's parameters)
+    optimizer = create_optimizer_v2(distiller, opt=sched["optimizer"], lr=sched["lr"], weight_decay=sched["weight_decay"], momentum=sched["momentum"])
     distiller.train()
 
     def step(images, targets):
@@ -142,7 +143,7 @@ def fixed_batch(batch_size: int, size: int, classes: int, device: torch.device):
 
 
 def loader_batches(root: Path, recipe: dict, config: dict, rt, batch_size: int, workers: int, gpu_decode: bool):
-    """Endless batches from lcdistill's train loader, built as the pipeline and trainer build it."""
+    """Endless batches from lcdistill's train loader, built as the task and trainer build it."""
     recipe = recipes.build([recipe, {"data": {"gpu_decode": gpu_decode, "workers": workers}}])
     split, _ = data.scan(root)
     size = recipe["data"]["input_size"]

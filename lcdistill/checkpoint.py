@@ -149,5 +149,6 @@ def load_weights(path: Path) -> dict[str, torch.Tensor]:
             break
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise UserError(f"{path} holds no state dict of tensors", "save model.state_dict() to the file")
-    # DDP and torch.compile prefixes
-    return {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in obj.items()}
+    from timm.models import clean_state_dict
+
+    return clean_state_dict(obj)  # DDP and torch.compile prefixes

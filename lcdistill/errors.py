@@ -16,3 +16,11 @@ class UserError(Exception):
 
     def line(self) -> str:
         return f"{self.message}: {self.fix}" if self.fix else self.message
+
+
+class TrainingStopped(UserError):
+    """The run stopped early on purpose (signal) or by necessity (non-finite loss, disk full)."""
+
+    def __init__(self, message: str, fix: str = "", exit_code: int = 1):
+        super().__init__(message, fix)
+        self.exit_code = exit_code

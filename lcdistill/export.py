@@ -1,4 +1,4 @@
-"""Export a student to ONNX and TorchScript, with metadata, and prove the files match PyTorch."""
+"""Export a student to ONNX, TorchScript and torch.export (.pt2), with metadata, and prove the files match PyTorch."""
 
 from __future__ import annotations
 
@@ -7,15 +7,16 @@ import os
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 from torch import nn
 
 from lcdistill.checkpoint import atomic_write
+from lcdistill.defaults import OPSET
 from lcdistill.errors import UserError
-
-OPSET = 18  # supported by onnxruntime >= 1.16 and by both of torch's ONNX exporters
+from lcdistill.tasks import ExportSpec
 
 
 def onnx_opset(proto) -> int:
@@ -28,6 +29,7 @@ def metadata(meta: dict) -> dict[str, str]:
     from lcdistill import __version__
 
     return {
+        "task": meta.get("task", "classification"),
         "classes": json.dumps(meta["classes"]),
         "mean": json.dumps(meta["mean"]),
         "std": json.dumps(meta["std"]),
@@ -39,6 +41,12 @@ def metadata(meta: dict) -> dict[str, str]:
     }
 
 
+def task_of(meta: dict):
+    from lcdistill import tasks
+
+    return tasks.get(meta.get("task", "classification"))  # files from before the task layer are classifiers
+
+
 @contextmanager
 def quiet_jit():
     """torch.jit.save/load warn on every call that they are deprecated: keep stderr to our own lines."""
@@ -47,13 +55,15 @@ def quiet_jit():
         yield
 
 
-def to_onnx(model: nn.Module, meta: dict, path: Path, opset: int = OPSET) -> Path:
-    """ONNX with a dynamic batch dimension and the metadata above, checked by onnx.checker."""
+def to_onnx(model: nn.Module, meta: dict, path: Path, spec: ExportSpec | None = None, opset: int = OPSET) -> Path:
+    """ONNX with the task's names and dynamic axes (batch at least; spec defaults to the task meta
+    names) and the metadata above, checked by onnx.checker."""
     import onnx
 
+    spec = spec or task_of(meta).export
     model = model.eval()
     example = torch.randn(2, *meta["input_size"])
-    batch = torch.export.Dim("batch", min=1, max=4096)
+    dims = {axis: torch.export.Dim(name, min=1 if axis == 0 else 16, max=4096) for axis, name in spec.dynamic_axes.items()}
 
     def write(tmp: str) -> None:
         with warnings.catch_warnings(), open(os.devnull, "w") as quiet:
@@ -63,8 +73,8 @@ def to_onnx(model: nn.Module, meta: dict, path: Path, opset: int = OPSET) -> Pat
             os.dup2(quiet.fileno(), 1)
             try:
                 program = torch.onnx.export(
-                    model, (example,), dynamo=True, opset_version=opset, input_names=["input"], output_names=["logits"],
-                    dynamic_shapes=({0: batch},), external_data=False,
+                    model, (example,), dynamo=True, opset_version=opset, input_names=spec.input_names, output_names=spec.output_names,
+                    dynamic_shapes=(dims,), external_data=False,
                 )
             finally:
                 os.dup2(saved, 1)
@@ -99,6 +109,83 @@ def to_torchscript(model: nn.Module, meta: dict, path: Path) -> Path:
     return path
 
 
+PT2_META = "lcdistill.json"  # the metadata's name among a .pt2 file's extra files
+
+
+def to_pt2(model: nn.Module, meta: dict, path: Path, spec: ExportSpec) -> Path:
+    """A torch.export ExportedProgram with the task's dynamic axes (batch at least, torch.export.Dim), saved by
+    torch.export.save with the metadata above as an extra file. A model torch.export cannot trace: one line
+    naming its family."""
+    model = model.eval()
+    example = torch.randn(2, *meta["input_size"])
+    # free sizes first; an encoder-decoder whose skips need sides divisible by its stride gets multiples of 32
+    strides = (None, 32) if set(spec.dynamic_axes) - {0} and all(int(v) % 32 == 0 for v in meta["input_size"][1:]) else (None,)
+    first_error = None
+    for stride in strides:
+        dims = {axis: torch.export.Dim(name, min=1, max=4096) if axis == 0 else
+                (torch.export.Dim(name, min=16, max=4096) if stride is None else stride * torch.export.Dim(f"{name}_x{stride}", min=1, max=4096 // stride))
+                for axis, name in spec.dynamic_axes.items()}
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                program = torch.export.export(model, (example,), dynamic_shapes=(dims,))
+            break
+        except Exception as e:  # torch.export's own errors share no public base class
+            first_error = first_error or e
+    else:
+        e = first_error
+        arch = meta.get("arch") or {}
+        family = f"{arch.get('source', '?')}:{arch.get('name', type(model).__name__)}"
+        first = (str(e).strip().splitlines() or [""])[0][:140]
+        raise UserError(f"torch.export cannot export {family} ({type(e).__name__}: {first})",
+                        "export it with --format torchscript (traced, no torch.export) instead") from None
+    extra = {PT2_META: json.dumps(metadata(meta))}
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:  # a file object: torch.export logs a warning for a path not ending in .pt2
+            torch.export.save(program, f, extra_files=extra)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        atomic_write(path, write)
+    return path
+
+
+def load_pt2(path: Path) -> nn.Module:
+    """The callable module of a .pt2 file (eval mode is baked in at export; .eval() is not supported on it)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.export.load(str(path)).module()
+
+
+def read_pt2_metadata(path: Path) -> dict:
+    extra = {PT2_META: ""}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.export.load(str(path), extra_files=extra)
+    except Exception as e:
+        raise UserError(f"{path} is not a readable torch.export (.pt2) file ({type(e).__name__})", "pass a file written by `lcdistill export`") from None
+    if not extra[PT2_META]:
+        raise UserError(f"{path} carries no lcdistill metadata", "export it with `lcdistill export --format pt2`")
+    return decode_metadata(json.loads(extra[PT2_META]))
+
+
+def runner(fmt: str, path: Path) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A normalised batch -> the exported output, for one written format (onnx, torchscript, pt2, hub)."""
+    if fmt in ("onnx", "onnx-int8"):
+        session = onnx_session(path)
+        return lambda x: run_onnx(session, x)
+    if fmt == "pt2":
+        return load_pt2(path)
+    if fmt == "hub":  # the folder built the way its card says (timm, torchvision or lcdistill)
+        from lcdistill import hubfolder
+
+        return hubfolder.load(path)
+    with quiet_jit():
+        return torch.jit.load(str(path))
+
+
 def onnx_session(path: Path):
     import onnxruntime as ort
 
@@ -121,13 +208,7 @@ def parity(model: nn.Module, files: dict[str, Path], batch: torch.Tensor) -> dic
     result = {}
     with torch.no_grad():
         for fmt, path in files.items():
-            if fmt == "onnx":
-                session = onnx_session(path)
-                predict = lambda x: run_onnx(session, x)  # noqa: E731
-            else:
-                with quiet_jit():
-                    scripted = torch.jit.load(str(path))
-                predict = lambda x: scripted(x)  # noqa: E731
+            predict = runner(fmt, path)
             diff = 0.0
             for x in (batch, batch[:1]):
                 diff = max(diff, (predict(x) - model(x)).abs().max().item())
@@ -162,6 +243,7 @@ def read_torchscript_metadata(path: Path) -> dict:
 
 def decode_metadata(props: dict[str, str]) -> dict:
     out = {k: json.loads(props[k]) for k in ("classes", "mean", "std", "input_size", "crop_pct", "arch")}
+    out["task"] = props.get("task", "classification")
     out["interpolation"] = props.get("interpolation", "bilinear")
     out["lcdistill_version"] = props.get("lcdistill_version")
     if "onnx_opset" in props:

@@ -1,6 +1,7 @@
 """Recipes: load a YAML recipe, merge overrides, validate keys, save the resolved result.
 
-A recipe is a nested dict. DEFAULTS lists every key that exists; a recipe or a
+A recipe is a nested dict. default_recipe() lists every key that exists (the core keys
+here plus each method term's own section); a recipe or a
 `--set a.b=c` override may only name keys found here (except inside the
 free-form mappings in FREE_FORM).
 """
@@ -8,6 +9,7 @@ free-form mappings in FREE_FORM).
 from __future__ import annotations
 
 import copy
+import functools
 import difflib
 import os
 import re
@@ -19,7 +21,9 @@ import yaml
 
 from lcdistill.errors import UserError
 
-DEFAULTS: dict[str, Any] = {
+# The core keys; default_recipe() adds the method terms' sections (methods.sections()).
+CORE: dict[str, Any] = {
+    "task": "auto",  # auto (from the data layout) | classification
     "student": {
         "source": "auto",  # timm | tv | auto (timm first, then torchvision)
         "name": None,
@@ -27,25 +31,10 @@ DEFAULTS: dict[str, Any] = {
         "pretrained": False,  # start the student from hub weights
         "weights": None,  # or from a local .safetensors / .pth file
     },
-    "method": "london",  # ce | kd | london
+    "method": "london",  # ce | kd | london | terms joined by '+' (see `lcdistill methods`)
     "loss": {
-        "ce": 1.0,  # weight of the hard-label cross-entropy
+        "ce": 1.0,  # weight of the task's supervised loss
         "label_smoothing": 0.0,
-    },
-    "kd": {
-        "weight": 1.0,  # weight of the soft-label KL term (kd and london)
-        "temperature": 4.0,
-    },
-    "london": {
-        "alpha": 1.0,  # weight of the Lipschitz term
-        "warmup_epochs": 3,  # ramp the term's weight linearly from 0 to alpha over the first epochs (0: full weight from the start)
-        "distance": "log_mse",  # log_mse (default, scale-free) | mse (authors') | relative
-        "student_side": "connected",  # connected: through the connectors (authors') | raw: the student's own stage maps
-        "iterations": 5,  # power-iteration steps for each spectral norm
-        "min_stride": 4,  # stages with a smaller stride are not paired
-        "pairs": None,  # [[student_module, teacher_module], ...] to set the pairing by hand
-        "pair_weights": None,  # one weight per transmitting matrix; default 1/2^(N-1-i)
-        "feature_weight": 0.0,  # optional MSE between connected student and teacher features
     },
     "schedule": {
         "epochs": 10,
@@ -85,6 +74,31 @@ DEFAULTS: dict[str, Any] = {
         "log_every": 10,
     },
 }
+
+
+
+@functools.cache
+def _defaults() -> dict[str, Any]:
+    from lcdistill import methods  # late import: methods import torch
+
+    out: dict[str, Any] = {}
+    for key, value in CORE.items():
+        out[key] = copy.deepcopy(value)
+        if key == "loss":  # the terms' sections read best right after the loss weights
+            out.update(methods.sections())
+    return out
+
+
+def default_recipe() -> dict[str, Any]:
+    """Every key a recipe may set, with its default."""
+    return copy.deepcopy(_defaults())
+
+
+def __getattr__(name: str):
+    if name == "DEFAULTS":  # built on first use: the method registry imports torch
+        return default_recipe()
+    raise AttributeError(name)
+
 
 # Mappings whose keys are the user's own (model kwargs), not recipe keys.
 FREE_FORM = {("student", "kwargs")}
@@ -214,7 +228,7 @@ def split_source(spec: str) -> tuple[str, str]:
 
 def build(layers: list[dict]) -> dict:
     """DEFAULTS merged with each layer in turn (recipe file, CLI flags, --set overrides)."""
-    recipe = copy.deepcopy(DEFAULTS)
+    recipe = default_recipe()
     for layer in layers:
         recipe = deep_merge(recipe, layer)
     validate(recipe)
@@ -222,10 +236,11 @@ def build(layers: list[dict]) -> dict:
 
 
 def validate(recipe: dict) -> None:
-    from lcdistill.methods import METHODS  # late import: methods import torch
+    from lcdistill import methods, tasks  # late import: they import torch
 
-    if recipe["method"] not in METHODS:
-        raise UserError(f"unknown method '{recipe['method']}'", f"choose one of: {', '.join(METHODS)}")
+    methods.validate(recipe)
+    if recipe["task"] != "auto":
+        tasks.get(recipe["task"])
     if not recipe["student"]["name"]:
         raise UserError("the recipe names no student model", "set student.name or pass --student NAME")
     sched = recipe["schedule"]
@@ -234,14 +249,6 @@ def validate(recipe: dict) -> None:
             raise UserError(f"schedule.{key} must be a positive integer, got {sched[key]!r}", f"pass --set schedule.{key}=N")
     if not isinstance(sched["lr"], (int, float)) or sched["lr"] <= 0:
         raise UserError(f"schedule.lr must be a positive number, got {sched['lr']!r}", "pass --lr X")
-    for key in ("alpha", "warmup_epochs"):
-        value = recipe["london"][key]
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-            raise UserError(f"london.{key} must be a number >= 0, got {value!r}", f"pass --set london.{key}=X")
-    if recipe["london"]["student_side"] not in ("raw", "connected"):
-        raise UserError(f"unknown london.student_side '{recipe['london']['student_side']}'", "choose raw or connected")
-    if recipe["london"]["distance"] not in ("log_mse", "mse", "relative"):
-        raise UserError(f"unknown london.distance '{recipe['london']['distance']}'", "choose log_mse, mse or relative")
     if recipe["data"]["gpu_decode"] not in ("auto", True, False):
         raise UserError(f"unknown data.gpu_decode {recipe['data']['gpu_decode']!r}", "choose auto, true or false")
     if recipe["train"]["amp_dtype"] not in ("auto", "bfloat16", "float16", "float32"):

@@ -12,8 +12,8 @@ from pathlib import Path
 
 from lcdistill.checkpoint import atomic_write, atomic_write_text
 from lcdistill.errors import UserError
+from lcdistill.runfolder import RunFolder, exported_files
 
-PLOTS = "plots"  # RUN/plots/*.png
 NOT_LOSSES = {"epoch", "lr", "img_per_s", "skipped_images", "lip_gap"}
 
 
@@ -31,7 +31,7 @@ def pyplot():
 
 def read_summary(run: Path) -> list[dict]:
     """summary.csv as one dict of floats per epoch (empty cells left out)."""
-    path = run / "summary.csv"
+    path = RunFolder(run).summary
     if not path.is_file():
         return []
     with open(path, newline="") as f:
@@ -79,15 +79,16 @@ def whole_epochs(ax) -> None:
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
-def plot_accuracy(plt, rows: list[dict], teacher_top1: float | None, path: Path) -> Path:
+def plot_metric(plt, rows: list[dict], key: str, header: str, teacher_value: float | None, path: Path) -> Path:
+    """The task metric's checkpoint-picking value per epoch (top-1, mIoU), the teacher's as a line."""
     fig, ax = plt.subplots(figsize=(6, 3.6))
-    for key, label in (("val_top1", "student"), ("ema_top1", "student EMA")):
-        points = [(r["epoch"], r[key]) for r in rows if key in r]
+    for column, label in ((f"val_{key}", "student"), (f"ema_{key}", "student EMA")):
+        points = [(r["epoch"], r[column]) for r in rows if column in r]
         if points:
             ax.plot(*zip(*points), marker="o", label=label)
-    if teacher_top1 is not None:
-        ax.axhline(teacher_top1, color="black", linestyle="--", label=f"teacher {teacher_top1:.2f}")
-    ax.set(xlabel="epoch", ylabel="val top-1 %", title="validation top-1")
+    if teacher_value is not None:
+        ax.axhline(teacher_value, color="black", linestyle="--", label=f"teacher {teacher_value:.2f}")
+    ax.set(xlabel="epoch", ylabel=f"val {header}", title=f"validation {header.removesuffix(' %')}")
     whole_epochs(ax)
     ax.grid(alpha=0.3)
     ax.legend()
@@ -117,7 +118,7 @@ def plot_lipschitz(plt, lip: dict, path: Path) -> Path:
     return save_png(fig, path)
 
 
-def table_rows(meta: dict, evaluation: dict | None, run: Path) -> list[dict]:
+def table_rows(meta: dict, evaluation: dict | None, run: Path, keys: list[str]) -> list[dict]:
     """Teacher, student and export rows: eval.json's measurements when there are some, else what
     student.json recorded at the end of training plus the sizes of any exported files."""
     if evaluation:
@@ -126,19 +127,16 @@ def table_rows(meta: dict, evaluation: dict | None, run: Path) -> list[dict]:
     rows = []
     if meta.get("teacher"):
         t = meta["teacher"]
-        rows.append({"role": "teacher", "model": t.get("origin"), "top1": t.get("top1"), "top5": t.get("top5"), "params": t.get("params")})
-    rows.append({"role": "student", "model": f"{meta['arch']['source']}:{meta['arch']['name']}", "top1": meta.get("top1"),
-                 "top5": meta.get("top5"), "params": meta.get("params"), "file_bytes": (run / "student.safetensors").stat().st_size})
-    from lcdistill.evaluate import EXPORT_FILES
-
-    for name in EXPORT_FILES:
-        if (run / name).is_file():
-            rows.append({"role": name, "model": name, "file_bytes": (run / name).stat().st_size})
+        rows.append({"role": "teacher", "model": t.get("origin"), **{k: t.get(k) for k in keys}, "params": t.get("params")})
+    rows.append({"role": "student", "model": f"{meta['arch']['source']}:{meta['arch']['name']}", **{k: meta.get(k) for k in keys},
+                 "params": meta.get("params"), "file_bytes": RunFolder(run).student.stat().st_size})
+    for path in exported_files(run):
+        rows.append({"role": path.name, "model": path.name, "file_bytes": path.stat().st_size})
     return rows
 
 
-COLUMNS = [  # (header, key, format)
-    ("", "role", "{}"), ("model", "model", "{}"), ("runs on", "kind", "{}"), ("top-1 %", "top1", "{:.2f}"), ("top-5 %", "top5", "{:.2f}"),
+LEFT = [("", "role", "{}"), ("model", "model", "{}"), ("runs on", "kind", "{}")]  # (header, key, format)
+RIGHT = [
     ("params", "params", lambda v: f"{v / 1e6:.2f}M"), ("GFLOPs", "flops", lambda v: f"{v / 1e9:.3f}"),
     ("file MB", "file_bytes", lambda v: f"{v / 1e6:.2f}"), ("ms @1", "latency_ms_b1", "{:.2f}"),
     ("ms @batch", "latency_ms_batch", "{:.2f}"), ("img/s", "throughput_img_s", "{:,.0f}"),
@@ -151,8 +149,9 @@ def cell(value, fmt) -> str:
     return fmt(value) if callable(fmt) else fmt.format(value)
 
 
-def html_table(rows: list[dict]) -> str:
-    used = [c for c in COLUMNS if any(r.get(c[1]) is not None for r in rows)]
+def html_table(rows: list[dict], metric_columns) -> str:
+    columns = LEFT + [(h, k, "{:.2f}") for h, k in metric_columns] + RIGHT
+    used = [c for c in columns if any(r.get(c[1]) is not None for r in rows)]
     head = "".join(f"<th>{html.escape(h)}</th>" for h, _, _ in used)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(cell(r.get(k), f))}</td>" for _, k, f in used) + "</tr>" for r in rows)
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
@@ -171,24 +170,27 @@ STYLE = ("body{font-family:system-ui,sans-serif;max-width:60em;margin:2em auto;c
 
 def write(run: Path, evaluation: dict | None = None, lipschitz: dict | None = None) -> dict:
     """Write RUN/plots/*.png and RUN/report.html; returns {"html": path, "plots": [paths]}."""
-    from lcdistill import models
+    from lcdistill.artifacts import identify
 
     run = Path(run)
-    if not models.is_run(run):
-        raise UserError(f"{run} is not a finished lcdistill run (no student.safetensors + student.json)", "pass a run folder written by `lcdistill train` or `lcdistill compress`")
+    target = identify(run, accept=("run",))
+    folder = RunFolder(run)
     plt = pyplot()
-    meta = models.read_meta(run)
-    evaluation = evaluation if evaluation is not None else read_json(run / "eval.json")
-    lipschitz = lipschitz if lipschitz is not None else read_json(run / "lipschitz.json")
+    meta = target.meta
+    metric = target.task.metric(len(meta["classes"]))
+    header = dict((k, h) for h, k in metric.columns)[metric.best]
+    evaluation = evaluation if evaluation is not None else read_json(folder.eval)
+    lipschitz = lipschitz if lipschitz is not None else read_json(folder.lipschitz)
     rows = read_summary(run)
-    teacher_top1 = (meta.get("teacher") or {}).get("top1")
+    teacher_value = (meta.get("teacher") or {}).get(metric.best)
     curves, lip_plots = [], []
     if rows:
-        curves.append((plot_losses(plt, rows, run / PLOTS / "loss.png"), "training loss parts per epoch"))
-        curves.append((plot_accuracy(plt, rows, teacher_top1, run / PLOTS / "top1.png"),
-                       "student val top-1 per epoch" + (" (dashed: the teacher's top-1)" if teacher_top1 is not None else "")))
+        curves.append((plot_losses(plt, rows, folder.plots / "loss.png"), "training loss parts per epoch"))
+        name = header.removesuffix(" %")
+        curves.append((plot_metric(plt, rows, metric.best, header, teacher_value, folder.plots / f"{metric.best}.png"),
+                       f"student val {name} per epoch" + (f" (dashed: the teacher's {name})" if teacher_value is not None else "")))
     if lipschitz and lipschitz.get("stages"):
-        lip_plots.append((plot_lipschitz(plt, lipschitz, run / PLOTS / "lipschitz.png"), "per-stage transmitting-matrix spectral norms on val images"))
+        lip_plots.append((plot_lipschitz(plt, lipschitz, folder.plots / "lipschitz.png"), "per-stage transmitting-matrix spectral norms on val images"))
     plt.close("all")
 
     arch = meta["arch"]
@@ -207,23 +209,9 @@ def write(run: Path, evaluation: dict | None = None, lipschitz: dict | None = No
     out = io.StringIO()
     out.write(f"<!doctype html><html><head><meta charset=utf-8><title>lcdistill report: {html.escape(run.name)}</title><style>{STYLE}</style></head><body>")
     out.write(f"<h1>lcdistill report: {html.escape(str(run))}</h1><ul>{facts_html}</ul>")
-    out.write(f"<h2>Teacher, student and exports</h2><p class=note>{source}</p>{html_table(table_rows(meta, evaluation, run))}")
+    out.write(f"<h2>Teacher, student and exports</h2><p class=note>{source}</p>{html_table(table_rows(meta, evaluation, run, [k for _, k in metric.columns]), metric.columns)}")
     out.write("<h2>Training</h2>" + ("".join(embedded(p, alt) for p, alt in curves) if curves else "<p class=note>No summary.csv.</p>"))
     out.write(f"<h2>Lipschitz constants</h2>{lip_html}")
     out.write("</body></html>\n")
-    atomic_write_text(run / "report.html", out.getvalue())
-    return {"html": run / "report.html", "plots": [p for p, _ in curves + lip_plots]}
-
-
-def compute_lipschitz(run: Path, data: str, device, batches: int = 4) -> dict:
-    """What `lcdistill lipschitz RUN --data DIR --json` prints: the student's per-stage norms beside its teacher's."""
-    from lcdistill import lipschitz_report, models
-    from lcdistill.data import scan
-
-    student = models.load_run(Path(run))
-    teacher = models.rebuild(student.meta["teacher"]["spec"], student.num_classes) if student.meta.get("teacher") else None
-    _, val = scan(data)
-    try:
-        return lipschitz_report.measure(student, teacher, val, device, batches, run_dir=Path(run) if Path(run).is_dir() else None)
-    except ValueError as e:
-        raise UserError(f"lipschitz: {e}", "this architecture has too few stride-separated stages for the chart") from None
+    atomic_write_text(folder.report, out.getvalue())
+    return {"html": folder.report, "plots": [p for p, _ in curves + lip_plots]}

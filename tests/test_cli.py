@@ -145,7 +145,7 @@ def test_compress_writes_a_complete_run(compress_run, teacher_run, small_data, m
     assert state["epoch"] == 1 and state["step_in_epoch"] == 0
     assert state["global_step"] == (10 * 20) // 32 and len(state["rows"]) == 1
     if method == "london":
-        assert any(k.startswith("extras.") for k in state["trainable"]), "LONDON connectors are not checkpointed"
+        assert any(k.startswith("london.connectors.") for k in state["method"]), "LONDON connectors are not checkpointed"
 
     meta = json.loads((run / "student.json").read_text())
     assert meta["arch"] == {"source": "timm", "name": "mobilenetv2_050", "kwargs": {}}
@@ -164,7 +164,7 @@ def test_compress_writes_a_complete_run(compress_run, teacher_run, small_data, m
     shipped = loaded.model.state_dict()
     best = load_weights(run / "checkpoints" / "best.safetensors")
     assert set(best) == set(shipped)
-    assert not any(k.startswith("extras") for k in load_weights(run / "student.safetensors"))
+    assert not any(k.startswith(("london", "connectors", "terms")) for k in load_weights(run / "student.safetensors"))
     with torch.no_grad():
         assert loaded.model.eval()(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
 

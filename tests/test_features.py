@@ -1,4 +1,4 @@
-"""Stage discovery, pairing and feature tapping (lcdistill.features).
+"""Stage discovery, pairing and feature tapping (lcdistill.models: stages, probe, taps).
 
 Every model is built with random weights (pretrained=False / weights=None),
 num_classes=10; nothing is downloaded.
@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torchvision
 
-from lcdistill.features import (
+from lcdistill.models import (
     FeatureTap,
     Stage,
     describe_pairs,

@@ -12,7 +12,8 @@ import torch
 from PIL import Image
 
 from conftest import FAST, cli_ok
-from lcdistill import data, gpu_data, recipe as recipes
+from lcdistill import data, recipe as recipes
+from lcdistill.data import gpu as gpu_data
 from lcdistill.errors import UserError
 
 CPU = torch.device("cpu")

@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 
 from conftest import assert_user_error, cli_process
-from lcdistill import evaluate
+from lcdistill import artifacts
 from lcdistill.data import load_rgb, scan
 from lcdistill.errors import UserError
 
@@ -183,8 +183,7 @@ def test_a_class_of_only_bad_files_is_named_even_when_skipping(small_data, tmp_p
 # ---- model input of the wrong shape or dtype -----------------------------------------------------
 def test_predict_names_wrong_input(odd_run):
     out, _ = odd_run
-    target = evaluate.load_target(str(out))
-    predict = target["predict"]
+    predict = artifacts.identify(out).predict
     assert predict(torch.rand(2, 3, 32, 32, dtype=torch.float64)).shape == (2, 3)  # any float is cast
     for bad, words in [
         (torch.rand(3, 32, 32), ["[N, 3, 32, 32]", "[3, 32, 32]"]),

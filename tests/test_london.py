@@ -6,9 +6,8 @@ import pytest
 import timm
 import torch
 
-from lcdistill import recipe as recipes
+from lcdistill import methods, recipe as recipes, tasks
 from lcdistill.errors import UserError
-from lcdistill.methods import METHODS
 
 CFG = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
 
@@ -20,7 +19,7 @@ def make(method="london", teacher_name="resnet18", **sets):
     torch.manual_seed(0)
     student = timm.create_model("mobilenetv2_050", num_classes=10)
     teacher = timm.create_model(teacher_name, num_classes=10)
-    return METHODS[method](student, teacher, recipe, CFG, CFG)
+    return methods.build(recipe, tasks.get("classification"), student, teacher, CFG, CFG)
 
 
 def test_lipschitz_term_trains_student_and_connectors_not_teacher():
@@ -34,7 +33,7 @@ def test_lipschitz_term_trains_student_and_connectors_not_teacher():
     student_grads = [p.grad for p in distiller.student.parameters() if p.grad is not None]
     assert student_grads and sum(g.abs().sum() for g in student_grads) > 0
     # every connector receives gradient: each is part of at least one transmitting matrix
-    for conn in distiller.connectors:
+    for conn in distiller.term("london").connectors:
         assert conn[0].weight.grad is not None and conn[0].weight.grad.abs().sum() > 0
     assert all(p.grad is None for p in distiller.teacher.parameters())
     assert not distiller.teacher.training  # teacher BN statistics must not drift
@@ -50,7 +49,8 @@ def test_alpha_scales_the_term_and_zero_alpha_removes_it():
     idle = make(**{"london.alpha": 0}).train()
     assert "lip" not in idle(images, targets)[1]
     # kept for measuring the gap, frozen so DDP sees no parameter left without gradient
-    assert idle.connectors is not None and not any(p.requires_grad for p in idle.connectors.parameters())
+    connectors = idle.term("london").connectors
+    assert connectors is not None and not any(p.requires_grad for p in connectors.parameters())
 
 
 def test_warmup_ramps_the_term_linearly_with_training_progress():
@@ -63,15 +63,15 @@ def test_warmup_ramps_the_term_linearly_with_training_progress():
 
 
 def test_default_pairs_are_by_stride_deeper_weighted_more():
-    distiller = make()
-    assert [s.stride for s, _ in distiller.pairs] == [4, 8, 16, 32]
-    assert [s.stride for s, t in distiller.pairs] == [t.stride for s, t in distiller.pairs]
-    assert distiller.pair_weights.tolist() == [0.25, 0.5, 1.0]
+    london = make().term("london")
+    assert [s.stride for s, _ in london.pairs] == [4, 8, 16, 32]
+    assert [s.stride for s, t in london.pairs] == [t.stride for s, t in london.pairs]
+    assert london.pair_weights.tolist() == [0.25, 0.5, 1.0]
 
 
 def test_pairs_set_in_recipe_are_used():
-    distiller = make(**{"london.pairs": "[[blocks.2, layer2], [blocks.4, layer3], [blocks.6, layer4]]"})
-    assert [(s.name, t.name) for s, t in distiller.pairs] == [("blocks.2", "layer2"), ("blocks.4", "layer3"), ("blocks.6", "layer4")]
+    london = make(**{"london.pairs": "[[blocks.2, layer2], [blocks.4, layer3], [blocks.6, layer4]]"}).term("london")
+    assert [(s.name, t.name) for s, t in london.pairs] == [("blocks.2", "layer2"), ("blocks.4", "layer3"), ("blocks.6", "layer4")]
 
 
 def test_vit_teacher_is_a_clear_error_for_london_but_works_for_kd():
@@ -84,8 +84,25 @@ def test_vit_teacher_is_a_clear_error_for_london_but_works_for_kd():
 
 def test_raw_student_side_needs_no_connectors_and_still_trains_the_student():
     distiller = make(**{"loss.ce": 0, "kd.weight": 0, "london.student_side": "raw"})
-    assert distiller.connectors is None
+    assert distiller.term("london").connectors is None
     _, losses = distiller.train()(torch.rand(8, 3, 32, 32), torch.randint(0, 10, (8,)))
     losses["lip"].backward()
     assert sum(p.grad.abs().sum() for p in distiller.student.parameters() if p.grad is not None) > 0
     assert all(p.grad is None for p in distiller.teacher.parameters())
+
+
+def test_plain_london_reads_its_own_stage_outputs_and_kd_london_is_london():
+    """`london` (= ce + kd + london) keeps its own taps and connectors; only with ofd in the method
+    does the Lipschitz term read ofd's pre-ReLU maps instead."""
+    images, targets = torch.rand(4, 3, 32, 32), torch.randint(0, 10, (4,))
+    plain = make()
+    london = plain.term("london")
+    assert [t.name for t in plain.terms] == ["kd", "london"] and not london.shared
+    assert london.student_taps() == ["blocks.1", "blocks.2", "blocks.4", "blocks.6"]
+    assert london.teacher_taps() == ["layer1", "layer2", "layer3", "layer4"]
+    assert london.connectors is not None
+    a = plain.train()(images, targets)[1]
+    b = make("kd+london").train()(images, targets)[1]
+    assert set(a) == {"ce", "kd", "lip"} and all(torch.equal(a[k], b[k]) for k in a)
+    shared = make("ofd+london").term("london")
+    assert shared.shared and shared.connectors is None and shared.student_taps() == []

@@ -175,9 +175,9 @@ def test_sigterm_then_resume_finishes(small_data, tmp_path):
 def test_sigterm_while_the_run_is_being_set_up_is_one_line_and_leaves_no_folder(small_data, tmp_path):
     # The signal lands after the run folder is made and before training (and its own handlers) starts.
     out = tmp_path / "run"
-    code = ("import os, signal, sys; from lcdistill import cli, trainer; real = trainer.Trainer.fit\n"
-            "def fit(self):\n    assert (self.run_dir / 'recipe.yaml').is_file(); os.kill(os.getpid(), signal.SIGTERM); return real(self)\n"
-            "trainer.Trainer.fit = fit; sys.argv[1:] = sys.argv[2:]; cli.main()")
+    code = ("import os, signal, sys; from lcdistill import cli; from lcdistill.train import loop; real = loop.Trainer.fit\n"
+            "def fit(self):\n    assert self.folder.recipe.is_file(); os.kill(os.getpid(), signal.SIGTERM); return real(self)\n"
+            "loop.Trainer.fit = fit; sys.argv[1:] = sys.argv[2:]; cli.main()")
     proc = subprocess.run([sys.executable, "-c", code, "--", "compress", "--data", small_data, *CE, "--out", out],
                           capture_output=True, text=True, timeout=120, env=subprocess_env())
     assert proc.returncode == 143, proc.stderr
@@ -187,7 +187,7 @@ def test_sigterm_while_the_run_is_being_set_up_is_one_line_and_leaves_no_folder(
 
 def test_signal_during_evaluation_stops_after_the_epoch(small_data, tmp_path, monkeypatch):
     # In-process: SIGTERM arrives while the epoch's validation runs, after the last step.
-    from lcdistill.trainer import Trainer
+    from lcdistill.train import Trainer
 
     real_evaluate, sent = Trainer.evaluate, []
 
@@ -220,7 +220,8 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(small
     assert f"at step {step} " in line, line
     for advice in ("--lr", "--max-grad-norm", "float32"):
         assert advice in line, line
-    assert all(torch.isfinite(t).all() for t in state["trainable"].values() if t.is_floating_point())
+    kept = {**state["student"], **state["method"]}
+    assert all(torch.isfinite(t).all() for t in kept.values() if t.is_floating_point())
     assert [r["step"] for r in metrics(out)][-1] == step - 1
 
 

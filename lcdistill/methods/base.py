@@ -1,35 +1,128 @@
-"""Distiller: the student, an optional frozen teacher, and a method's trainable extras.
+"""Distiller and Term: a method is the task's supervised loss plus a sum of named terms.
 
-forward(images, targets) -> (student logits, {"loss name": weighted loss tensor}).
-The trainer sums the dict; it knows nothing of any particular method.
+Distiller(student, teacher, task, terms).forward(images, targets) -> (prediction, {"ce": .., "kd": .., "lip": ..});
+the trainer sums the dict and knows nothing of any term. The teacher is held, not registered: it is
+never trained, saved in checkpoints, moved by the optimizer or wrapped by DDP, so the distiller's
+own parameters are exactly what trains (the student, then each term's extras such as connectors).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from typing import Any
+
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from lcdistill.data import normalize
 
 
-class Distiller(nn.Module):
-    needs_teacher = True
+@dataclass
+class Step:
+    """What one training step offers the terms."""
 
-    def __init__(self, student: nn.Module, teacher: nn.Module | None, recipe: dict, student_cfg: dict, teacher_cfg: dict | None):
+    student: torch.Tensor  # the student's prediction tensor (classes along class_dim)
+    teacher: torch.Tensor | None  # the teacher's, computed without gradient
+    targets: torch.Tensor
+    class_dim: int
+    progress: float  # epochs done (fractional): for loss warm-ups
+    student_features: dict[str, torch.Tensor] = field(default_factory=dict)  # tapped module outputs by path
+    teacher_features: dict[str, torch.Tensor] = field(default_factory=dict)
+    shared: dict[str, Any] = field(default_factory=dict)  # what a term leaves for the terms after it (ofd's maps)
+
+
+@dataclass
+class Context:
+    """What a term may look at when it is built."""
+
+    student: nn.Module
+    teacher: nn.Module | None
+    task: Any
+    dense: bool = False  # the task predicts per pixel (N, C, H, W)
+    peers: dict[str, Any] = field(default_factory=dict)  # the method's terms built so far, by name
+
+
+class Term(nn.Module):
+    """One named loss term of a method, in one file under methods/.
+
+    A term declares its recipe section and its defaults (recipe defaults are built from them),
+    checks its own section, and receives only that section."""
+
+    name: str  # as written in --method
+    section: str  # recipe section it reads
+    defaults: dict
+    paper: str = ""
+    summary: str = ""
+    needs_teacher = True
+    logit = False  # a logit term (kd, dkd, dist): at most one per method
+    after: tuple[str, ...] = ()  # terms whose shared work this one reads: built and run after them
+
+    def __init__(self, settings: dict, ctx: Context):
+        super().__init__()
+        self.settings = settings
+        self.stats: dict[str, torch.Tensor] = {}  # detached diagnostics of the last step, logged per epoch
+
+    @classmethod
+    def validate(cls, settings: dict) -> None:
+        """Raise UserError naming the key and the fix."""
+
+    def student_taps(self) -> list[str]:
+        """Module paths of the student whose outputs the term reads."""
+        return []
+
+    def teacher_taps(self) -> list[str]:
+        return []
+
+    def trains(self) -> bool:
+        """Whether a loss reaches this term's own parameters (if it has any)."""
+        return True
+
+    def describe(self) -> list[str]:
+        """Lines printed at the start of a run (e.g. the stage pairs)."""
+        return []
+
+    def forward(self, step: Step) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+
+class Distiller(nn.Module):
+    def __init__(self, student: nn.Module, teacher: nn.Module | None, task, terms: list[Term], loss: dict,
+                 student_cfg: dict, teacher_cfg: dict | None):
         super().__init__()
         self.student = student
-        self.teacher = teacher
+        self.terms = nn.ModuleList(terms)
+        object.__setattr__(self, "teacher", teacher)  # held, not registered (see the module doc)
         if teacher is not None:
             teacher.requires_grad_(False)
             teacher.eval()
-        self.recipe = recipe
-        self.ce_weight = float(recipe["loss"]["ce"])
-        self.label_smoothing = float(recipe["loss"]["label_smoothing"])
+        for term in terms:
+            if not term.trains():
+                term.requires_grad_(False)  # kept (BN statistics and all) but trained by no loss
+        self.task = task
+        self.ce_weight = float(loss["ce"])
+        self.loss_settings = loss
         self.student_stats = (student_cfg["mean"], student_cfg["std"])
         self.teacher_stats = (teacher_cfg["mean"], teacher_cfg["std"]) if teacher_cfg else None
-        self.stats: dict[str, torch.Tensor] = {}  # detached diagnostics of the last step
-        self.progress = 0.0  # epochs done (fractional), set by the trainer before each step: for loss warm-ups
+        self.progress = 0.0  # epochs done (fractional), set by the trainer before each step
+        self._taps = None  # (student tap, teacher tap), hooked at the first training step
+
+    def taps(self):
+        """Forward hooks on the module paths the terms read; a distiller built only to load a run's
+        method state (lcdistill lipschitz) never trains, so never hooks the models."""
+        from lcdistill.models.taps import FeatureTap
+
+        if self._taps is None:
+            hook = lambda model, names: FeatureTap(model, names) if names else None  # noqa: E731
+            self._taps = (hook(self.student, [n for t in self.terms for n in t.student_taps()]),
+                          hook(self.teacher, [n for t in self.terms for n in t.teacher_taps()]))
+        return self._taps
+
+    def _apply(self, fn, *args, **kwargs):
+        # .to(device), .to(memory_format=...) and friends move the held teacher too
+        super()._apply(fn, *args, **kwargs)
+        if self.teacher is not None:
+            self.teacher._apply(fn, *args, **kwargs)
+        return self
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -37,24 +130,54 @@ class Distiller(nn.Module):
             self.teacher.eval()  # a teacher's BN statistics must not drift (the authors' code let them)
         return self
 
-    def extras(self) -> nn.Module | None:
-        """Trainable modules besides the student (connectors); saved in checkpoints, never exported."""
-        return None
+    @property
+    def stats(self) -> dict[str, torch.Tensor]:
+        return {k: v for term in self.terms for k, v in term.stats.items()}
 
-    def student_forward(self, images: torch.Tensor) -> torch.Tensor:
+    def term(self, name: str) -> Term | None:
+        return next((t for t in self.terms if t.name == name), None)
+
+    def describe(self) -> list[str]:
+        return [line for term in self.terms for line in term.describe()]
+
+    # ---- method state: the terms' own modules (connectors), saved beside the student ------
+    def method_state(self) -> dict[str, torch.Tensor]:
+        return {f"{t.name}.{k}": v for t in self.terms for k, v in t.state_dict().items()}
+
+    def load_method_state(self, state: dict[str, torch.Tensor]) -> None:
+        for t in self.terms:
+            own = {k.removeprefix(f"{t.name}."): v for k, v in state.items() if k.startswith(f"{t.name}.")}
+            t.load_state_dict(own)
+
+    # ---- one step -----------------------------------------------------------------------
+    def student_forward(self, images: torch.Tensor):
         return self.student(normalize(images, *self.student_stats))
 
-    def teacher_forward(self, images: torch.Tensor) -> torch.Tensor:
+    def teacher_forward(self, images: torch.Tensor):
         with torch.no_grad():
             return self.teacher(normalize(images, *self.teacher_stats))
 
     def forward(self, images: torch.Tensor, targets: torch.Tensor | None = None):
-        logits = self.student_forward(images)
+        student_tap, teacher_tap = self.taps() if targets is not None else (None, None)
+        raw = self.student_forward(images)
+        prediction = self.task.prediction(raw)
         if targets is None:
-            return logits, {}
-        losses = {"ce": self.ce_weight * F.cross_entropy(logits.float(), targets, label_smoothing=self.label_smoothing)}
-        losses.update(self.distill_losses(images, logits, targets))
-        return logits, losses
+            return prediction, {}
+        losses = {"ce": self.ce_weight * self.task.loss(raw, targets, self.loss_settings)}
+        if not self.terms:
+            return prediction, losses
+        teacher = self.task.prediction(self.teacher_forward(images)) if self.teacher is not None else None
+        step = Step(prediction, teacher, targets, self.task.class_dim, self.progress,
+                    self._features(student_tap), self._features(teacher_tap))
+        for term in self.terms:
+            losses.update(term(step))
+        return prediction, losses
 
-    def distill_losses(self, images, logits, targets) -> dict[str, torch.Tensor]:
-        return {}
+    @staticmethod
+    def _features(tap) -> dict[str, torch.Tensor]:
+        """The step's tapped outputs, handed over once: the tap keeps no activations across steps."""
+        if tap is None:
+            return {}
+        features = dict(zip(tap.names, tap.get()))
+        tap.clear()
+        return features

@@ -1,24 +1,66 @@
-"""Soft-label knowledge distillation (Hinton et al. 2015), as timm's LogitDistillationTask computes it."""
+"""Soft-label knowledge distillation (Hinton et al. 2015), as timm's LogitDistillationTask computes it.
+Dense predictions (N, C, H, W) are distilled per pixel, over the labelled pixels."""
 
+import torch
 import torch.nn.functional as F
 
-from lcdistill.methods.base import Distiller
+from lcdistill.errors import UserError
+from lcdistill.methods.base import Term
+
+IGNORE_INDEX = 255  # unlabelled pixels of dense targets
 
 
-def kd_loss(student_logits, teacher_logits, temperature: float):
-    log_s = F.log_softmax(student_logits.float() / temperature, dim=-1)
-    log_t = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
-    return F.kl_div(log_s, log_t, reduction="batchmean", log_target=True) * temperature**2
+def resize_targets(targets: torch.Tensor, size) -> torch.Tensor:
+    """Dense targets (N, H, W) at a prediction's spatial size (nearest neighbour when it differs)."""
+    if tuple(targets.shape[-2:]) == tuple(size):
+        return targets
+    return F.interpolate(targets[:, None].float(), size=tuple(size), mode="nearest")[:, 0].long()
 
 
-class KD(Distiller):
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.kd_weight = float(self.recipe["kd"]["weight"])
-        self.temperature = float(self.recipe["kd"]["temperature"])
+def labelled(targets: torch.Tensor, size) -> torch.Tensor:
+    """Which pixels of a prediction of spatial size `size` have a label (targets != 255)."""
+    return resize_targets(targets, size) != IGNORE_INDEX
 
-    def distill_losses(self, images, logits, targets):
-        teacher_logits = self.teacher_forward(images)
-        if self.kd_weight == 0:
+
+def kd_loss(student_logits, teacher_logits, temperature: float, class_dim: int = -1, targets=None):
+    """KL(teacher || student) of the softmax over the class dimension at temperature T, times T^2,
+    averaged over the batch; for a dense prediction, the KL per pixel averaged over the labelled
+    pixels (all pixels when no targets are given)."""
+    log_s = F.log_softmax(student_logits.float() / temperature, dim=class_dim)
+    log_t = F.log_softmax(teacher_logits.float() / temperature, dim=class_dim)
+    if log_s.dim() <= 2:
+        return F.kl_div(log_s, log_t, reduction="batchmean", log_target=True) * temperature**2
+    per_pixel = (log_t.exp() * (log_t - log_s)).sum(dim=class_dim)
+    if targets is None:
+        return per_pixel.mean() * temperature**2
+    valid = labelled(targets, per_pixel.shape[-2:])
+    return (per_pixel * valid).sum() / valid.sum().clamp_min(1) * temperature**2
+
+
+class KD(Term):
+    name = section = "kd"
+    logit = True  # at most one logit term per method
+    defaults = {
+        "weight": 1.0,  # weight of the soft-label KL term
+        "temperature": 4.0,
+    }
+    paper = "Hinton et al., Distilling the Knowledge in a Neural Network, 2015"
+    summary = "soft-label KL between teacher and student at temperature T (per labelled pixel on dense tasks)"
+
+    @classmethod
+    def validate(cls, settings: dict) -> None:
+        t = settings["temperature"]
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or t <= 0:
+            raise UserError(f"kd.temperature must be a number > 0, got {t!r}", "pass --set kd.temperature=4")
+
+    def __init__(self, settings, ctx):
+        super().__init__(settings, ctx)
+        self.weight = float(settings["weight"])
+        self.temperature = float(settings["temperature"])
+
+    def forward(self, step):
+        if self.weight == 0:
             return {}
-        return {"kd": self.kd_weight * kd_loss(logits, teacher_logits, self.temperature)}
+        if step.student.dim() > 2:
+            return {"kd": self.weight * kd_loss(step.student, step.teacher, self.temperature, step.class_dim, step.targets)}
+        return {"kd": self.weight * kd_loss(step.student, step.teacher, self.temperature, step.class_dim)}

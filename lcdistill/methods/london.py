@@ -4,7 +4,11 @@ Stage outputs of student and teacher are tapped with forward hooks and paired by
 stride. For each pair of consecutive stages the transmitting matrix's spectral
 norm (power iteration, differentiable) is compared between the two networks, on
 the student's maps after 1x1 conv + BN connectors to the teacher's channel count
-(as the authors do), or on the student's own maps (london.student_side: raw). Total = CE + KD + alpha * L_lip (+ optional feature MSE).
+(as the authors do), or on the student's own maps (london.student_side: raw).
+The term adds alpha * L_lip (+ an optional feature MSE); `--method london` is ce + kd + this term.
+With ofd in the method (`ofd+london`, the paper's LONDON) the term uses OFD's stage pairs and its
+pre-ReLU maps (the student's through OFD's connectors) from Step.shared, as the authors' code does,
+and has no taps or connectors of its own.
 """
 
 from __future__ import annotations
@@ -14,9 +18,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from lcdistill.errors import UserError
-from lcdistill.features import FeatureTap, describe_pairs, find_stages, pair_stages
 from lcdistill.lipschitz import default_pair_weights, lipschitz_loss, stage_sigmas
-from lcdistill.methods.kd import KD
+from lcdistill.methods.base import Term
+from lcdistill.models.stages import describe_pairs, find_stages, pair_stages
 
 
 def connector(in_channels: int, out_channels: int) -> nn.Sequential:
@@ -33,17 +37,49 @@ def match_pairs(student: nn.Module, teacher: nn.Module, settings: dict, probe_si
         raise UserError(f"method london: {e}", "set london.pairs in the recipe, or use --method kd") from None
 
 
-class London(KD):
-    def __init__(self, student, teacher, recipe, student_cfg, teacher_cfg):
-        super().__init__(student, teacher, recipe, student_cfg, teacher_cfg)
-        settings = recipe["london"]
+def _number(settings: dict, key: str) -> None:
+    value = settings[key]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+        raise UserError(f"london.{key} must be a number >= 0, got {value!r}", f"pass --set london.{key}=X")
+
+
+class London(Term):
+    name = section = "london"
+    defaults = {
+        "alpha": 1.0,  # weight of the Lipschitz term
+        "warmup_epochs": 3,  # ramp the term's weight linearly from 0 to alpha over the first epochs (0: full weight from the start)
+        "distance": "log_mse",  # log_mse (default, scale-free) | mse (authors') | relative
+        "student_side": "connected",  # connected: through the connectors (authors') | raw: the student's own stage maps
+        "iterations": 5,  # power-iteration steps for each spectral norm
+        "min_stride": 4,  # stages with a smaller stride are not paired
+        "pairs": None,  # [[student_module, teacher_module], ...] to set the pairing by hand
+        "pair_weights": None,  # one weight per transmitting matrix; default 1/2^(N-1-i)
+        "feature_weight": 0.0,  # optional MSE between connected student and teacher features
+    }
+    paper = "Shang et al., Lipschitz Continuity Guided Knowledge Distillation, ICCV 2021"
+    summary = "match per-stage transmitting-matrix spectral norms (Lipschitz estimates) of student and teacher (on ofd's pre-ReLU maps with ofd)"
+    after = ("ofd",)
+
+    @classmethod
+    def validate(cls, settings: dict) -> None:
+        for key in ("alpha", "warmup_epochs"):
+            _number(settings, key)
+        if settings["student_side"] not in ("raw", "connected"):
+            raise UserError(f"unknown london.student_side '{settings['student_side']}'", "choose raw or connected")
+        if settings["distance"] not in ("log_mse", "mse", "relative"):
+            raise UserError(f"unknown london.distance '{settings['distance']}'", "choose log_mse, mse or relative")
+
+    def __init__(self, settings, ctx):
+        super().__init__(settings, ctx)
         self.alpha = float(settings["alpha"])
         self.warmup_epochs = float(settings["warmup_epochs"])
         self.feature_weight = float(settings["feature_weight"])
         self.iterations = int(settings["iterations"])
         self.distance = settings["distance"]
         self.connect = settings["student_side"] == "connected"
-        self.pairs = match_pairs(student, teacher, settings)
+        ofd = ctx.peers.get("ofd")
+        self.shared = ofd is not None  # on ofd's pairs and maps (ofd+london)
+        self.pairs = ofd.pairs if self.shared else match_pairs(ctx.student, ctx.teacher, settings)
         n_matrices = len(self.pairs) - 1
         weights = settings["pair_weights"] or default_pair_weights(n_matrices)
         if len(weights) != n_matrices:
@@ -51,20 +87,26 @@ class London(KD):
         self.register_buffer("pair_weights", torch.tensor(weights, dtype=torch.float32), persistent=False)
         self.student_names = [s.name for s, _ in self.pairs]
         self.teacher_names = [t.name for _, t in self.pairs]
-        used = self.connect or self.feature_weight
+        used = (self.connect or self.feature_weight) and not self.shared
+        if self.shared and ((self.alpha and self.connect) or self.feature_weight):
+            ofd.feeds = True  # ofd's connectors train through this term even at ofd.weight 0
+        # At alpha = 0 (and no feature loss) the connectors still run, BN statistics and all, so
+        # the run's connected gap can be measured as a baseline; trains() keeps them frozen.
         self.connectors = nn.ModuleList(connector(s.channels, t.channels) for s, t in self.pairs) if used else None
-        if used and not self.alpha and not self.feature_weight:
-            # alpha = 0: no loss trains them (and DDP refuses parameters without gradient), but they
-            # stay, BN statistics and all, so the run's connected gap can be measured as a baseline.
-            self.connectors.requires_grad_(False)
-        self.student_tap = FeatureTap(student, self.student_names)
-        self.teacher_tap = FeatureTap(teacher, self.teacher_names)
+
+    def student_taps(self) -> list[str]:
+        return [] if self.shared else self.student_names
+
+    def teacher_taps(self) -> list[str]:
+        return [] if self.shared else self.teacher_names
+
+    def trains(self) -> bool:
+        return bool(self.alpha or self.feature_weight)
 
     def describe(self) -> list[str]:
+        if self.shared:
+            return []  # ofd's pairs, described by ofd
         return describe_pairs(self.pairs)
-
-    def extras(self) -> nn.Module | None:
-        return self.connectors
 
     def connected(self, student_features: list[torch.Tensor], teacher_features: list[torch.Tensor]) -> list[torch.Tensor]:
         out = []
@@ -75,21 +117,22 @@ class London(KD):
             out.append(s)
         return out
 
-    def distill_losses(self, images, logits, targets):
-        self.teacher_tap.clear()
-        losses = super().distill_losses(images, logits, targets)  # runs the teacher (and its tap)
-        teacher_features = [f.detach().float() for f in self.teacher_tap.get(self.teacher_names)]
-        raw = [f.float() for f in self.student_tap.get(self.student_names)]
-        self.student_tap.clear()
-        self.teacher_tap.clear()
-        connected = [f.float() for f in self.connected(raw, teacher_features)] if self.connect or self.feature_weight else None
+    def forward(self, step):
+        losses = {}
+        if self.shared:
+            maps = step.shared["ofd"]
+            teacher_features, raw, connected = maps["teacher"], maps["raw"], maps["student"]
+        else:
+            teacher_features = [step.teacher_features[n].detach().float() for n in self.teacher_names]
+            raw = [step.student_features[n].float() for n in self.student_names]
+            connected = [f.float() for f in self.connected(raw, teacher_features)] if self.connect or self.feature_weight else None
         if self.alpha:
             # Through a connector, its BN divides out the student's feature scale: the term then
             # shapes the student's features but cannot reach their scale; raw reaches it directly.
             s_sigma = stage_sigmas(connected if self.connect else raw, self.iterations)
             with torch.no_grad():
                 t_sigma = stage_sigmas(teacher_features, self.iterations)
-            ramp = min(1.0, self.progress / self.warmup_epochs) if self.warmup_epochs > 0 else 1.0
+            ramp = min(1.0, step.progress / self.warmup_epochs) if self.warmup_epochs > 0 else 1.0
             losses["lip"] = self.alpha * ramp * lipschitz_loss(s_sigma, t_sigma, self.pair_weights, self.distance)
             self.stats["lip_gap"] = (s_sigma.detach() - t_sigma).abs().mean(0)
         if self.feature_weight:

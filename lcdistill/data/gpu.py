@@ -1,7 +1,7 @@
 """GPU data path for JPEG ImageFolders: workers read file bytes, the GPU decodes and augments.
 
 CPU workers only read bytes and draw each sample's crop and flip, seeded by
-(seed, epoch, index) exactly as `data.ImageDataset` seeds timm's transforms and with
+(seed, epoch, index) exactly as `ImageDataset` seeds timm's transforms (data.samples) and with
 timm's own RandomResizedCrop parameter logic, so both paths crop the same boxes.
 The main process decodes a whole batch at once with torchvision's `decode_jpeg`
 (nvJPEG on CUDA), then crops, resizes and flips on the device. Output: float images
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import io
 import math
-import random
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +20,9 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from lcdistill.data import DECODE_ERRORS, Split, load_rgb
+from lcdistill.data.folder import Split
+from lcdistill.data.images import DECODE_ERRORS, load_rgb, unreadable
+from lcdistill.data.samples import first_readable, sample_seed, seeded
 from lcdistill.errors import UserError
 
 JPEG_EXTENSIONS = (".jpg", ".jpeg")
@@ -75,7 +76,7 @@ def use_gpu_decode(setting, split: Split, device: torch.device, data: dict, conf
 
 
 def pick(cpu_set: Dataset, split: Split, size: int, config: dict, recipe: dict, device: torch.device, training: bool) -> Dataset:
-    """A JpegDataset when data.gpu_decode picks the GPU path for this split, else cpu_set (a data.ImageDataset)."""
+    """A JpegDataset when data.gpu_decode picks the GPU path for this split, else cpu_set (an ImageDataset)."""
     data = recipe["data"]
     if not use_gpu_decode(data["gpu_decode"], split, device, data, config, training):
         return cpu_set
@@ -86,10 +87,6 @@ def pick(cpu_set: Dataset, split: Split, size: int, config: dict, recipe: dict, 
 def _size_only(width: int, height: int) -> torch.Tensor:
     # timm's get_params only reads the image size: a zero-stride view stands in for the image
     return torch.empty(()).expand(1, height, width)
-
-
-def sample_seed(seed: int, epoch: int, index: int) -> int:
-    return (seed * 1_000_003 + epoch) * 10_000_019 + index  # as data.ImageDataset
 
 
 class JpegDataset(Dataset):
@@ -111,31 +108,23 @@ class JpegDataset(Dataset):
         from timm.data.transforms import RandomResizedCropAndInterpolation
 
         a = self.augment
-        state = random.getstate()
-        with torch.random.fork_rng(devices=[]):
-            seed = sample_seed(self.seed, self.epoch, index)
-            random.seed(seed)
-            torch.manual_seed(seed)
+        with seeded(sample_seed(self.seed, self.epoch, index)):
             top, left, h, w = RandomResizedCropAndInterpolation.get_params(_size_only(width, height), a.scale, a.ratio)
             flip = a.hflip > 0 and bool(torch.rand(1) < a.hflip)  # torchvision's RandomHorizontalFlip
-        random.setstate(state)
         return torch.tensor([top, left, h, w, int(flip)])
 
+    def read(self, path: str, index: int) -> tuple[bytes, torch.Tensor]:
+        """The file's bytes and, when training, the crop box drawn for sample `index` at its size."""
+        raw = Path(path).read_bytes()
+        box = torch.zeros(5, dtype=torch.int64)
+        if self.augment.training:
+            with Image.open(io.BytesIO(raw)) as im:  # the header only: decoding is the device's job
+                box = self.draw(*im.size, index)
+        return raw, box
+
     def __getitem__(self, index: int):
-        for attempt in range(len(self.samples)):
-            path, label = self.samples[(index + attempt) % len(self.samples)]
-            try:
-                raw = Path(path).read_bytes()
-                box = torch.zeros(5, dtype=torch.int64)
-                if self.augment.training:
-                    with Image.open(io.BytesIO(raw)) as im:  # the header only: decoding is the device's job
-                        box = self.draw(*im.size, index)
-            except DECODE_ERRORS as e:
-                if not self.skip_bad:
-                    raise UserError(f"unreadable image file {path} ({type(e).__name__}: {e})", "delete or replace it, or pass --skip-bad-images") from None
-                continue  # take the next readable sample in its place
-            return torch.frombuffer(bytearray(raw), dtype=torch.uint8), label, box, attempt, path
-        raise UserError("no readable image in the data set", "check the files")
+        (path, label), ((raw, box),), attempt = first_readable(self.samples, index, self.skip_bad, lambda p: self.read(p, index))
+        return torch.frombuffer(bytearray(raw), dtype=torch.uint8), label, box, attempt, path
 
     @staticmethod
     def collate(batch):
@@ -168,7 +157,7 @@ def _decode_one(raw: torch.Tensor, path: str, device: torch.device, skip_bad: bo
         return pil_to_tensor(load_rgb(io.BytesIO(raw.numpy().tobytes()))).to(device)
     except DECODE_ERRORS as e:
         if not skip_bad:
-            raise UserError(f"unreadable image file {path} ({type(e).__name__}: {e})", "delete or replace it, or pass --skip-bad-images") from None
+            raise unreadable(path, e) from None
         return None
 
 

@@ -15,33 +15,30 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lcdistill import recipe as recipes
-from lcdistill.checkpoint import load_state
-from lcdistill.data import ImageDataset, eval_loader, eval_transform, normalize
-from lcdistill.features import FeatureTap, Stage, find_stages, pair_stages
-from lcdistill.lipschitz import network_upper_bound, stage_sigmas
-from lcdistill.methods.london import connector, match_pairs
+from lcdistill import methods, recipe as recipes
+from lcdistill.data import eval_loader, normalize
+from lcdistill.errors import UserError
+from lcdistill.lipschitz.bounds import network_upper_bound
+from lcdistill.lipschitz.tm import stage_sigmas
+from lcdistill.models import FeatureTap, Stage, find_stages, pair_stages
+from lcdistill.runfolder import RunFolder
+from lcdistill.train.checkpointer import Checkpointer
 
 
-def trained_connectors(run_dir: Path, student: nn.Module, teacher: nn.Module) -> tuple[list, nn.ModuleList] | None:
-    """(stage pairs, connectors in eval mode) of a london run from its last checkpoint, or None."""
-    from lcdistill.pipeline import RECIPE_FILE
-    from lcdistill.trainer import LAST
-
-    run_dir = Path(run_dir)
-    recipe_file, last = run_dir / RECIPE_FILE, run_dir / "checkpoints" / LAST
-    if not recipe_file.is_file() or not last.is_file():
+def trained_connectors(run_dir: Path, student: nn.Module, teacher: nn.Module, task) -> tuple[list, nn.ModuleList] | None:
+    """(stage pairs, connectors in eval mode) of a london run, rebuilt from its recipe and loaded from
+    its last checkpoint's method state; None for a run without trained connectors."""
+    folder = RunFolder(run_dir)
+    if not folder.recipe.is_file() or not folder.last.is_file():
         return None
-    recipe = recipes.build([recipes.read_yaml(recipe_file)])
-    if recipe["method"] != "london":
+    recipe = recipes.build([recipes.read_yaml(folder.recipe)])
+    cfg = {"mean": [0.0] * 3, "std": [1.0] * 3}  # only the terms' state is used: no forward runs here
+    distiller = methods.build(recipe, task, student, teacher, cfg, cfg)
+    london = distiller.term("london")
+    if london is None or london.connectors is None:  # not london, or student_side raw
         return None
-    state = {k.removeprefix("extras."): v for k, v in load_state(last)["trainable"].items() if k.startswith("extras.")}
-    if not state:  # student_side raw: no connectors were trained
-        return None
-    pairs = match_pairs(student, teacher, recipe["london"])
-    connectors = nn.ModuleList(connector(s.channels, t.channels) for s, t in pairs)
-    connectors.load_state_dict(state)
-    return pairs, connectors.eval()
+    distiller.load_method_state(Checkpointer(folder, main=False).load()["method"])
+    return london.pairs, london.connectors.eval()
 
 
 @torch.no_grad()
@@ -120,17 +117,43 @@ def report(model, model_cfg: dict, teacher, teacher_cfg: dict | None, loader, de
     return result
 
 
-def measure(model, teacher, val, device, batches: int = 4, batch_size: int = 64, min_stride: int = 4, run_dir: Path | None = None,
+def measure(model, teacher, val, task, device, batches: int = 4, batch_size: int = 64, min_stride: int = 4, run_dir: Path | None = None,
             bound: bool = True) -> dict:
     """report() for loaded models (models.Loaded) on `batches` seeded random batches of the val split
     (val is sorted by class: its first batches would hold a few classes only).
 
     run_dir: the model's run folder when `teacher` is that run's own teacher (its connectors fit only that one)."""
     meta = model.meta or {"input_size": model.data_config["input_size"], **model.data_config}
-    dataset = ImageDataset(val, eval_transform({**model.data_config, **meta}))
+    dataset = task.eval_dataset(val, {**model.data_config, **meta})
     pick = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))[: batches * batch_size].tolist()
     loader = eval_loader(torch.utils.data.Subset(dataset, pick), batch_size, 0)
-    connected = trained_connectors(run_dir, model.model, teacher.model) if run_dir is not None and teacher is not None else None
+    connected = trained_connectors(run_dir, model.model, teacher.model, task) if run_dir is not None and teacher is not None else None
     result = report(model.model, model.data_config, teacher.model if teacher else None, teacher.data_config if teacher else None,
                     loader, device, meta["input_size"], min_stride, batches, connected=connected, bound=bound)
     return {**result, "model": model.origin, "teacher": teacher.origin if teacher else None}
+
+
+def for_target(target: str, data: str, device, teacher: str | None = None, teacher_weights: str | None = None, no_teacher: bool = False,
+               batches: int = 4, batch_size: int = 64, min_stride: int = 4) -> dict:
+    """`lcdistill lipschitz TARGET --data DIR`: a run folder, student file or model name, beside the
+    teacher named (or the run's own, whose trained connectors are then measured too)."""
+    from lcdistill import models, tasks
+    from lcdistill.artifacts import identify
+
+    artifact = identify(target, accept=("run", "weights")) if Path(target).exists() else None
+    task = artifact.task if artifact else tasks.for_data("auto", data)
+    splits = task.scan(data)
+    n = len(splits.classes)
+    model = artifact.loaded if artifact else task.resolve(target, n, pretrained=False)
+    t, own = None, False
+    if not no_teacher:
+        if teacher:
+            t = task.resolve(teacher, n, weights=teacher_weights)
+        elif model.meta.get("teacher"):
+            t, own = models.rebuild(model.meta["teacher"]["spec"], n), True
+    try:
+        # the run's own connectors fit only its own teacher
+        return measure(model, t, splits.val, task, device, batches, batch_size, min_stride,
+                       run_dir=artifact.folder if own and artifact.kind == "run" else None)
+    except ValueError as e:
+        raise UserError(f"lipschitz: {e}", "pass --min-stride 2, or a CNN with stride-separated stages") from None

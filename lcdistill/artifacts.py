@@ -1,0 +1,171 @@
+"""What a path on disk is: a run folder, a student weights file, an ONNX, a TorchScript or a torch.export (.pt2) file.
+
+`identify(path)` names it (or says in one line why it is none of what the command accepts);
+`Artifact` reads its metadata and gives what eval, export, lipschitz and report need from it: the
+model, a predict function on normalised batches, the task it was trained for.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from lcdistill.errors import UserError
+from lcdistill.runfolder import RunFolder
+
+KINDS = ("run", "weights", "onnx", "torchscript", "pt2")
+# How each command's error names what it accepts, and where such a file comes from.
+_WHAT = {
+    ("run", "weights"): ("a run folder or student .safetensors", "pass the --out folder of `lcdistill compress` or `lcdistill train`"),
+    KINDS: ("a run folder, student .safetensors, .onnx, TorchScript or .pt2 file",
+            "pass the --out folder of `lcdistill compress`/`train`, or a file written by `lcdistill export`"),
+}
+
+
+def kind_of(path: Path) -> str | None:
+    path = Path(path)
+    if path.is_dir():
+        return "run" if RunFolder(path).finished() else None
+    if not path.is_file():
+        return None
+    return {".safetensors": "weights", ".onnx": "onnx", ".pt": "torchscript", ".ts": "torchscript", ".pt2": "pt2"}.get(path.suffix)
+
+
+def identify(path: str | Path, accept: tuple[str, ...] = KINDS) -> Artifact:
+    path = Path(path)
+    kind = kind_of(path)
+    if kind in accept:
+        return Artifact(path, kind)
+    if path.is_dir():  # a folder, but no finished run: say what is missing
+        folder = RunFolder(path)
+        raise UserError(f"{path} is not a finished lcdistill run (no {folder.student.name} + {folder.meta.name})",
+                        "pass a run folder written by `lcdistill train` or `lcdistill compress`")
+    what, fix = _WHAT.get(accept, _WHAT[KINDS])
+    raise UserError(f"{path} is not {what}", fix)
+
+
+def check_batch(x, meta: dict, dynamic: dict[int, str]) -> torch.Tensor:
+    """x as the float32 [N, C, H, W] batch the model was exported for, or a UserError saying what is off."""
+    want = [int(v) for v in meta["input_size"]]
+    shape = list(x.shape) if isinstance(x, torch.Tensor) else None
+    fixed_ok = shape is not None and len(shape) == 4 and all(shape[i + 1] == w for i, w in enumerate(want) if i + 1 not in dynamic)
+    if not fixed_ok:
+        got = f"shape {shape}" if shape is not None else f"a {type(x).__name__}"
+        raise UserError(f"the model takes a [N, {', '.join(map(str, want))}] tensor, got {got}",
+                        f"resize images to {want[1]}x{want[2]} with {want[0]} channels and stack them into one batch")
+    if not x.is_floating_point():  # uint8 pixels would run (ONNX casts) and give silent garbage
+        raise UserError(f"the model takes float input, got {x.dtype}", "scale to [0, 1] and normalise with the model's mean/std")
+    return x.float()
+
+
+@dataclass
+class Artifact:
+    path: Path
+    kind: str  # one of KINDS
+    _cache: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def runtime(self) -> str:
+        """What runs it: pytorch, onnx (ONNX Runtime), torchscript or pt2 (torch.export program)."""
+        return "pytorch" if self.kind in ("run", "weights") else self.kind
+
+    @property
+    def file(self) -> Path:
+        """The file that holds the weights (a run's student.safetensors)."""
+        return RunFolder(self.path).student if self.kind == "run" else self.path
+
+    @property
+    def folder(self) -> Path:
+        return self.path if self.kind == "run" else self.path.parent
+
+    @cached_property
+    def meta(self) -> dict:
+        from lcdistill import export, models
+
+        if self.kind == "onnx":
+            return export.read_onnx_metadata(self.path)
+        if self.kind == "torchscript":
+            return export.read_torchscript_metadata(self.path)
+        if self.kind == "pt2":
+            return export.read_pt2_metadata(self.path)
+        return models.read_meta(self.path)
+
+    @property
+    def task(self):
+        from lcdistill import tasks
+
+        return tasks.get(self.meta.get("task", "classification"))  # runs before the task layer are classifiers
+
+    @property
+    def role(self) -> str:
+        """A row name for a measured file: its runtime, and int8 when it was quantized."""
+        if self.kind == "onnx" and self.meta.get("quantization"):
+            return "onnx-int8"
+        return self.runtime
+
+    @cached_property
+    def loaded(self):
+        """The rebuilt PyTorch model (models.Loaded) of a run folder or weights file."""
+        from lcdistill import models
+
+        if self.runtime != "pytorch":
+            raise UserError(f"{self.path} is an exported file, not PyTorch weights", "pass the run folder or its student.safetensors")
+        return models.load_run(self.path)
+
+    @cached_property
+    def module(self):
+        """The module to measure params and FLOPs of (a TorchScript or torch.export module too); None for ONNX."""
+        if self.runtime == "pytorch":
+            return self.loaded.model.eval()
+        if self.kind == "torchscript":
+            from lcdistill import export
+
+            with export.quiet_jit():
+                return torch.jit.load(str(self.path)).eval()
+        if self.kind == "pt2":
+            from lcdistill import export
+
+            return export.load_pt2(self.path)
+        return None
+
+    @cached_property
+    def predict(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        """Normalised [N, C, H, W] batch -> prediction tensor, refusing batches of the wrong shape or type."""
+        from lcdistill import export
+
+        meta, task = self.meta, self.task
+        if self.kind == "onnx":
+            session = export.onnx_session(self.path)
+            run = lambda x: export.run_onnx(session, x)  # noqa: E731
+        else:
+            module = self.module
+            run = lambda x: task.prediction(module(x))  # noqa: E731
+        return lambda x: run(check_batch(x, meta, task.export.dynamic_axes))
+
+
+def exports_beside(target: Artifact, folder: str | Path | None) -> list[Artifact]:
+    """The exported files in folder (default: the target's run folder), as artifacts."""
+    from lcdistill.runfolder import exported_files
+
+    where = Path(folder) if folder is not None else (target.path if target.kind == "run" else None)
+    return [Artifact(p, kind_of(p)) for p in exported_files(where)] if where is not None else []
+
+
+@dataclass
+class InMemory:
+    """A PyTorch model held in memory (a run's rebuilt teacher), measured like an artifact."""
+
+    module: torch.nn.Module
+    meta: dict
+    task: object
+    kind: str = "model"
+    runtime: str = "pytorch"
+    file: Path | None = None
+
+    @property
+    def predict(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        return lambda x: self.task.prediction(self.module(check_batch(x, self.meta, self.task.export.dynamic_axes)))

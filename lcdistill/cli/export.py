@@ -1,0 +1,134 @@
+"""`lcdistill export`: ONNX / TorchScript files checked against PyTorch, optionally an int8 ONNX file."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from lcdistill.cli.common import fail, user_errors
+from lcdistill.defaults import CALIBRATION_IMAGES, OPSET
+from lcdistill.errors import UserError
+
+FORMATS = ("onnx", "torchscript", "pt2", "hub", "all")
+
+
+@user_errors
+def export(
+    target: str = typer.Argument(..., help="Run folder or student .safetensors."),
+    format: str = typer.Option("all", "--format", "-f", help="onnx | torchscript | pt2 (torch.export) | hub (timm Hub folder) | all"),
+    out: Optional[str] = typer.Option(None, "--out", help="Folder for the files (default: the run folder)."),
+    data: Optional[str] = typer.Option(None, "--data", help="Data folder for the parity batch (default: the run's own data)."),
+    opset: int = typer.Option(OPSET, "--opset", help="ONNX opset."),
+    tolerance: float = typer.Option(1e-3, "--tolerance", help="Largest allowed |exported - PyTorch| on the logits."),
+    quantize: str = typer.Option("none", "--quantize", help="none | int8: also write student.int8.onnx (static, calibrated on train images)."),
+    calibration_images: int = typer.Option(CALIBRATION_IMAGES, "--calibration-images", help="Training images to calibrate int8 with."),
+    eval_file: Optional[str] = typer.Option(None, "--eval", help="`lcdistill eval --save` file for the hub card's table (default: RUN/eval.json)."),
+):
+    """Write student.onnx / student.pt / student.pt2 (dynamic batch, metadata) and a Hub folder (hub/), and check them against PyTorch on real images."""
+    import torch
+
+    from lcdistill import artifacts, export as exporter
+    from lcdistill.data import eval_loader, normalize
+
+    if format not in FORMATS:
+        raise UserError(f"unknown --format '{format}'", "choose onnx, torchscript, pt2, hub or all")
+    if quantize not in ("none", "int8"):
+        raise UserError(f"unknown --quantize '{quantize}'", "choose none or int8")
+    if quantize == "int8" and format not in ("onnx", "all"):
+        raise UserError("--quantize int8 quantizes the ONNX file", "use --format onnx or --format all")
+    source_file = artifacts.identify(target, accept=("run", "weights"))
+    loaded, task = source_file.loaded, source_file.task
+    meta = loaded.meta
+    model = task.exportable(loaded.model)
+    out_dir = Path(out) if out else source_file.folder
+    data_dir = data or _run_data(source_file.folder)
+    if quantize == "int8" and not data_dir:
+        raise UserError("--quantize int8 needs training images to calibrate with", "pass --data DIR (the run's own data is not found)")
+    if data_dir:
+        splits = task.scan(data_dir, check=False)
+        images = next(iter(eval_loader(task.eval_dataset(splits.val, meta), 8, 0)))[0]
+        batch, source = normalize(images, meta["mean"], meta["std"]), f"{len(images)} val images from {data_dir}"
+    else:
+        batch, source = torch.randn(8, *meta["input_size"]), "8 random inputs (pass --data for real images)"
+    files = {}
+    if format in ("onnx", "all"):
+        files["onnx"] = exporter.to_onnx(model, meta, out_dir / "student.onnx", task.export, opset)
+    if format in ("torchscript", "all"):
+        files["torchscript"] = exporter.to_torchscript(model, meta, out_dir / "student.pt")
+    if format in ("pt2", "all"):
+        try:
+            files["pt2"] = exporter.to_pt2(model, meta, out_dir / "student.pt2", task.export)
+        except UserError as e:
+            if format == "pt2":
+                raise
+            typer.echo(f"pt2: skipped: {e.line()}")
+    if format in ("hub", "all"):
+        from lcdistill import hubfolder
+        from lcdistill.runfolder import RunFolder
+
+        files["hub"] = hubfolder.from_artifact(source_file, RunFolder(out_dir).hub, eval_file)
+    diffs = exporter.parity(model, files, batch)
+    worst = 0.0
+    for fmt, diff in diffs.items():
+        worst = max(worst, diff)
+        typer.echo(f"{fmt}: {files[fmt]}  max |diff| vs PyTorch {diff:.2e} on {source} and batch 1")
+    if worst > tolerance:
+        fail(f"export differs from PyTorch by {worst:.2e} > tolerance {tolerance:g}", 1)
+    from lcdistill import export_sizes  # dynamic height/width (segmentation): parity at a second size and batch too
+
+    export_sizes.check(model, files, task.export, meta, tolerance)
+    if quantize == "int8":
+        _export_int8(model, task, meta, files["onnx"], data_dir, calibration_images, batch, source)
+
+
+def _export_int8(model, task, meta: dict, fp32: Path, data_dir: str, images: int, batch, source: str) -> None:
+    """student.int8.onnx beside the fp32 file; int8 is judged by agreement, not by a tolerance."""
+    import torch
+
+    from lcdistill import export as exporter, quantize as quant
+
+    batches = quant.calibration_batches(task, data_dir, meta, images)
+    int8 = quant.quantize(fp32, quant.int8_path(fp32), batches, str(Path(data_dir).resolve()))
+    with torch.no_grad():
+        reference = model.eval()(batch).argmax(1)
+        got = exporter.run_onnx(exporter.onnx_session(int8), batch).argmax(1)
+    agree = int((got == reference).sum())
+    where = "" if reference.dim() == 1 else " pixels"  # dense tasks: one prediction per pixel
+    mb = lambda p: p.stat().st_size / 1e6  # noqa: E731
+    typer.echo(f"int8: {int8}  {mb(int8):.2f} MB (fp32 {mb(fp32):.2f} MB), calibrated on {sum(len(b) for b in batches)} train images;"
+               f" top-1 class agrees with PyTorch on {agree}/{reference.numel()}{where} of {source}; measure accuracy with `lcdistill eval`")
+
+
+def _run_data(folder: Path) -> str | None:
+    from lcdistill.runfolder import RunFolder
+
+    run_file = RunFolder(folder).inputs
+    if run_file.is_file():
+        data_dir = json.loads(run_file.read_text()).get("data")
+        if data_dir and Path(data_dir).is_dir():
+            return data_dir
+    return None
+
+
+@user_errors
+def push(
+    target: str = typer.Argument(..., help="Run folder (its hub/ folder, written first when missing) or a folder from `lcdistill export --format hub`."),
+    repo: str = typer.Option(..., "--repo", help="Hub repo id, ORG/NAME (created when missing)."),
+    private: bool = typer.Option(False, "--private", help="Create the repo private."),
+):
+    """Upload the student's Hub folder (config.json, model.safetensors, README.md) to the Hugging Face Hub in one commit."""
+    from lcdistill import artifacts, hubfolder
+    from lcdistill.runfolder import RunFolder
+
+    path = Path(target)
+    source = None if hubfolder.is_hub_folder(path) else artifacts.identify(target, accept=("run", "weights"))
+    token = hubfolder.preflight(repo)  # repo id, token, reachability: before anything is written or sent
+    folder = path if source is None else RunFolder(source.folder).hub
+    if source is not None and not hubfolder.is_hub_folder(folder):
+        hubfolder.from_artifact(source, folder)
+        typer.echo(f"hub: wrote {folder}")
+    url = hubfolder.upload(folder, repo, private, token)
+    typer.echo(f"pushed {folder} to https://huggingface.co/{repo} ({url})")

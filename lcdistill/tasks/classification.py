@@ -1,0 +1,98 @@
+"""Image classification: ImageFolder data, timm/torchvision classifiers, cross-entropy, top-1/top-5."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from lcdistill.tasks.base import ExportSpec, Metric, Splits, Task
+
+
+class TopK(Metric):
+    """Top-1 and top-5 accuracy in percent (top-k is capped by the number of classes)."""
+
+    best = "top1"
+    columns = (("top-1 %", "top1"), ("top-5 %", "top5"))
+
+    def __init__(self, device: torch.device | str = "cpu"):
+        self.counts = torch.zeros(3, dtype=torch.float64, device=device)  # correct@1, correct@5, images
+
+    def update(self, prediction: torch.Tensor, targets: torch.Tensor) -> None:
+        logits = prediction.float()
+        if self.counts.device != logits.device:
+            self.counts = self.counts.to(logits.device)
+        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        hit = top.eq(targets[:, None])
+        self.counts += torch.stack([hit[:, 0].sum(), hit.any(dim=1).sum(), torch.tensor(targets.numel(), device=hit.device)]).double()
+
+    def reduce(self, all_reduce) -> None:
+        all_reduce(self.counts)
+
+    def compute(self) -> dict[str, float]:
+        c1, c5, n = self.counts.tolist()
+        return {"top1": 100.0 * c1 / max(n, 1), "top5": 100.0 * c5 / max(n, 1)}
+
+    @property
+    def count(self) -> int:
+        return int(self.counts[2].item())
+
+
+class Classification(Task):
+    name = "classification"
+    export = ExportSpec(input_names=["input"], output_names=["logits"], dynamic_axes={0: "batch"})
+
+    def detect(self, root: Path) -> bool:
+        train = Path(root) / "train"
+        if (train / "images").is_dir() and (train / "masks").is_dir():  # a segmentation set, not two classes
+            return False
+        return train.is_dir() and any(e.is_dir() and not e.name.startswith(".") for e in os.scandir(train))
+
+    def layout_hint(self) -> str:
+        return "train/<class>/*.jpg and val/<class>/*.jpg (an ImageFolder)"
+
+    def scan(self, root, check: bool = True, skip_bad: bool = False) -> Splits:
+        from lcdistill import data
+
+        train, val = data.scan(root, check=check, skip_bad=skip_bad)
+        return Splits(train.classes, train, val, train.skipped + val.skipped)
+
+    def datasets(self, splits: Splits, input_size: int, data_config: dict, recipe: dict, device: torch.device):
+        from lcdistill import data
+        from lcdistill.data import gpu
+
+        settings, seed, skip_bad = recipe["data"], recipe["train"]["seed"], recipe["data"]["skip_bad_images"]
+        train = data.ImageDataset(splits.train, data.transforms(input_size, data_config, settings, True), seed, skip_bad)
+        val = data.ImageDataset(splits.val, data.eval_transform({**data_config, "input_size": [3, input_size, input_size]}), skip_bad=skip_bad)
+        # JPEG folders on CUDA: decode and augment on the GPU instead (data.gpu_decode)
+        train = gpu.pick(train, splits.train, input_size, data_config, recipe, device, training=True)
+        val = gpu.pick(val, splits.val, input_size, data_config, recipe, device, training=False)
+        return train, val
+
+    def eval_dataset(self, split, meta: dict):
+        from lcdistill import data
+
+        return data.ImageDataset(split, data.eval_transform(meta))
+
+    def resolve(self, spec: str, num_classes: int, **kwargs):
+        from lcdistill import models
+
+        return models.resolve(spec, num_classes, **kwargs)
+
+    def check_model(self, loaded, role: str) -> None:
+        """A segmentation run or model is refused: classification data needs a classifier."""
+        from lcdistill.errors import UserError
+        from lcdistill.models.segmentation import is_arch
+
+        what = "run" if (loaded.meta or {}).get("task", "classification") != "classification" else "model" if is_arch(loaded.arch) else None
+        if what:
+            raise UserError(f"{role} {loaded.origin} is a segmentation {what}, but the data is a classification ImageFolder",
+                            f"pass a classifier {role} (a timm or torchvision classifier name, or a run of `lcdistill train` on class folders)")
+
+    def loss(self, raw, targets, settings: dict) -> torch.Tensor:
+        return F.cross_entropy(raw.float(), targets, label_smoothing=float(settings["label_smoothing"]))
+
+    def metric(self, num_classes: int) -> Metric:
+        return TopK()
