@@ -1,0 +1,206 @@
+"""Semantic segmentation: VOC or images/masks data, torchvision/smp encoder-decoders, per-pixel
+cross-entropy (+ 0.5 x the auxiliary head's), mIoU and pixel accuracy from a confusion matrix.
+
+Data and its checks: lcdistill.data.segmentation. Models and their names: lcdistill.models.segmentation.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lcdistill.errors import UserError
+from lcdistill.tasks.base import ExportSpec, Metric, Splits, Task
+
+IGNORE = 255
+AUX_WEIGHT = 0.5  # torchvision's references/segmentation/train.py: losses["out"] + 0.5 * losses["aux"]
+# data.scale is RandomResizedCrop's area range for classification; a segmentation run that leaves it
+# at that default gets torchvision's reference range instead (shorter side x 0.5 .. 2.0 of the input size).
+CLASSIFICATION_SCALE, SEGMENTATION_SCALE = [0.08, 1.0], (0.5, 2.0)
+
+
+def _to_size(logits: torch.Tensor, size) -> torch.Tensor:
+    """Logits resized (bilinear) to a target's [H, W] when a model's output is smaller than its input."""
+    if tuple(logits.shape[-2:]) == tuple(size):
+        return logits
+    return F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=False)
+
+
+class ConfusionMatrix(Metric):
+    """num_classes x num_classes int64 counts (rows: label, columns: prediction), pixels labelled 255
+    left out, as torchvision's references/segmentation/utils.py keeps them.
+
+    miou: the mean over classes of IoU = diag / (row + column - diag), in percent, over the classes
+    present in the labels or the predictions (a class absent from both has no IoU); pixel_acc: the
+    share of labelled pixels predicted right."""
+
+    best = "miou"
+    columns = (("mIoU %", "miou"), ("pixel acc %", "pixel_acc"))
+
+    def __init__(self, num_classes: int, device: torch.device | str = "cpu"):
+        self.num_classes = num_classes
+        self.matrix = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
+        self.images = torch.zeros(1, dtype=torch.int64, device=device)
+
+    def update(self, prediction: torch.Tensor, targets: torch.Tensor) -> None:
+        if self.matrix.device != prediction.device:
+            self.matrix, self.images = self.matrix.to(prediction.device), self.images.to(prediction.device)
+        predicted = _to_size(prediction.float(), targets.shape[-2:]).argmax(1).flatten()
+        labels = targets.flatten().long()
+        keep = (labels >= 0) & (labels < self.num_classes)  # 255 (ignore) and anything else outside the classes
+        n = self.num_classes
+        self.matrix += torch.bincount(n * labels[keep] + predicted[keep], minlength=n * n).reshape(n, n)
+        self.images += targets.shape[0]
+
+    def reduce(self, all_reduce) -> None:
+        all_reduce(self.matrix)
+        all_reduce(self.images)
+
+    def iou(self) -> torch.Tensor:
+        """Per-class IoU in percent (NaN for a class absent from labels and predictions)."""
+        h = self.matrix.double().cpu()
+        diag = h.diag()
+        union = h.sum(1) + h.sum(0) - diag
+        return torch.where(union > 0, 100.0 * diag / union.clamp(min=1), torch.full_like(diag, float("nan")))
+
+    def compute(self) -> dict[str, float]:
+        h = self.matrix.double().cpu()
+        iou = self.iou()
+        present = ~iou.isnan()
+        return {"miou": float(iou[present].mean()) if present.any() else 0.0,
+                "pixel_acc": float(100.0 * h.diag().sum() / h.sum().clamp(min=1))}
+
+    def per_class(self, classes: list[str] | None = None) -> dict[str, float | None]:
+        """IoU per class name (None for a class absent from labels and predictions)."""
+        names = classes or [str(k) for k in range(self.num_classes)]
+        return {name: (None if v != v else float(v)) for name, v in zip(names, self.iou().tolist())}
+
+    def details(self, classes: list[str] | None = None) -> dict:
+        """What eval's JSON adds beside the columns."""
+        return {"iou": self.per_class(classes)}
+
+    @property
+    def count(self) -> int:
+        return int(self.images.item())
+
+
+class DensePrediction(nn.Module):
+    """The exported module: the full-resolution logits [N, classes, H, W] of a segmentation model.
+
+    torchvision's models return {"out", "aux"}: only "out" is computed here (the auxiliary head trains,
+    it is not shipped); an output smaller than the input is upsampled to it."""
+
+    def __init__(self, model: nn.Module, upsample: bool):
+        super().__init__()
+        self.model, self.upsample = model, upsample
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        model = self.model
+        if hasattr(model, "backbone") and hasattr(model, "classifier") and hasattr(model, "aux_classifier"):
+            # torchvision's _SimpleSegmentationModel.forward without its auxiliary head
+            out = model.classifier(model.backbone(x)["out"])
+            return F.interpolate(out, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        out = model(x)
+        out = out["out"] if isinstance(out, dict) else out
+        return F.interpolate(out, size=x.shape[-2:], mode="bilinear", align_corners=False) if self.upsample else out
+
+
+class Segmentation(Task):
+    name = "segmentation"
+    export = ExportSpec(input_names=["input"], output_names=["logits"], dynamic_axes={0: "batch", 2: "height", 3: "width"})
+    class_dim = 1
+
+    # ---- data ---------------------------------------------------------------------------
+    def detect(self, root: Path) -> bool:
+        from lcdistill.data.segmentation import detect_layout
+
+        return detect_layout(root) is not None
+
+    def layout_hint(self) -> str:
+        return ("VOC 2012 (JPEGImages/, SegmentationClass/, ImageSets/Segmentation/{train,val}.txt) "
+                "or train/images + train/masks (and val/ alike)")
+
+    def scan(self, root, check: bool = True, skip_bad: bool = False) -> Splits:
+        from lcdistill.data.segmentation import scan_segmentation
+
+        train, val = scan_segmentation(root, check=check, skip_bad=skip_bad)
+        return Splits(train.classes, train, val, train.skipped + val.skipped)
+
+    def datasets(self, splits: Splits, input_size: int, data_config: dict, recipe: dict, device: torch.device):
+        from lcdistill.data.segmentation import SegmentationDataset
+
+        d = recipe["data"]
+        scale = SEGMENTATION_SCALE if list(d["scale"]) == CLASSIFICATION_SCALE else tuple(float(v) for v in d["scale"])
+        train = SegmentationDataset(splits.train, input_size, True, recipe["train"]["seed"], scale, float(d["hflip"]), d["skip_bad_images"])
+        val = SegmentationDataset(splits.val, input_size, False, skip_bad=d["skip_bad_images"])
+        return train, val
+
+    def eval_dataset(self, split, meta: dict):
+        from lcdistill.data.segmentation import SegmentationDataset
+
+        return SegmentationDataset(split, int(meta["input_size"][-1]), False)
+
+    # ---- models -------------------------------------------------------------------------
+    def resolve(self, spec: str, num_classes: int, **kwargs):
+        from lcdistill import models
+
+        return models.resolve(spec, num_classes, **kwargs)
+
+    def check_model(self, loaded, role: str) -> None:
+        """A classification run, or a model whose output is not a per-pixel map of the classes, is refused."""
+        from lcdistill.models.segmentation import NAME_HINT, is_arch
+
+        task = loaded.meta.get("task", "classification") if loaded.meta else None
+        if task is not None and task != self.name:
+            raise UserError(f"{role} {loaded.origin} is a {task} run, but the data is a segmentation set",
+                            f"pass a segmentation {role}: a run of `lcdistill train --model tv:fcn_resnet50 --data DIR` or a name such as smp:DeepLabV3Plus:resnet18")
+        if is_arch(loaded.arch):
+            return
+        shape = _output_shape(loaded.model, self)
+        if shape is None or len(shape) != 4 or shape[1] != loaded.num_classes:
+            got = "no tensor" if shape is None else f"shape {list(shape)}"
+            raise UserError(f"{role} {loaded.origin} does not produce a dense (per-pixel) output (it gives {got} for a [1, 3, 64, 64] input)", NAME_HINT)
+
+    # ---- training -----------------------------------------------------------------------
+    def prediction(self, raw) -> torch.Tensor:
+        return raw["out"] if isinstance(raw, dict) else raw
+
+    def exportable(self, model: nn.Module) -> nn.Module:
+        shape = _output_shape(model, self)
+        return DensePrediction(model, upsample=shape is None or tuple(shape[-2:]) != (64, 64)).eval()
+
+    def loss(self, raw, targets: torch.Tensor, settings: dict) -> torch.Tensor:
+        smoothing = float(settings["label_smoothing"])
+
+        def ce(logits):
+            logits = _to_size(logits.float(), targets.shape[-2:])
+            if not (targets != IGNORE).any():  # every pixel ignored: nothing to learn, not NaN
+                return logits.sum() * 0.0
+            return F.cross_entropy(logits, targets, ignore_index=IGNORE, label_smoothing=smoothing)
+
+        loss = ce(self.prediction(raw))
+        if isinstance(raw, dict) and raw.get("aux") is not None:
+            loss = loss + AUX_WEIGHT * ce(raw["aux"])
+        return loss
+
+    def metric(self, num_classes: int) -> Metric:
+        return ConfusionMatrix(num_classes)
+
+
+@torch.no_grad()
+def _output_shape(model: nn.Module, task: Segmentation, size: int = 64):
+    """The prediction's shape for one random [1, 3, size, size] input (None when the forward fails)."""
+    was = [(m, m.training) for m in model.modules()]
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    try:
+        model.eval()
+        out = task.prediction(model(torch.zeros(1, 3, size, size, device=device)))
+        return tuple(out.shape) if isinstance(out, torch.Tensor) else None
+    except Exception:
+        return None
+    finally:
+        for m, mode in was:
+            m.training = mode
