@@ -1,0 +1,63 @@
+"""Channel-wise distillation for dense prediction (Shu et al., ICCV 2021), as MMRazor's
+ChannelWiseDivergence computes it.
+
+Each channel of a (N, C, H, W) map becomes a distribution over its H*W positions (softmax at
+temperature T); the loss is KL(teacher || student) summed over positions, summed over channels
+and samples, divided by N * C, times T^2. Applied to the prediction (classes as channels). A
+classification prediction (N, C) has no positions to normalise over: the term refuses it at build.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from lcdistill.errors import UserError
+from lcdistill.methods.base import Term
+
+
+def cwd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """KL of per-channel spatial softmaxes, averaged over channels and batch, times T^2."""
+    if student.dim() != 4 or student.shape != teacher.shape:
+        raise ValueError(f"cwd needs two (N, C, H, W) maps of one shape, got {tuple(student.shape)} and {tuple(teacher.shape)}")
+    n, c = student.shape[:2]
+    log_s = F.log_softmax(student.float().flatten(2) / temperature, dim=2)
+    log_t = F.log_softmax(teacher.float().flatten(2) / temperature, dim=2)
+    return (log_t.exp() * (log_t - log_s)).sum() / (n * c) * temperature**2
+
+
+class CWD(Term):
+    name = section = "cwd"
+    defaults = {
+        "weight": 3.0,  # the paper's weight for segmentation logits (MMRazor's configs use 3 or 5)
+        "temperature": 4.0,  # the paper's segmentation setting (MMRazor's configs use 1)
+    }
+    paper = "Shu et al., Channel-wise Knowledge Distillation for Dense Prediction, ICCV 2021"
+    summary = "dense tasks: KL between per-channel spatial softmaxes of the predictions (classes as channels)"
+
+    @classmethod
+    def validate(cls, settings: dict) -> None:
+        for key in ("weight", "temperature"):
+            v = settings[key]
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0 or (key == "temperature" and v == 0):
+                raise UserError(f"cwd.{key} must be a number {'> 0' if key == 'temperature' else '>= 0'}, got {v!r}",
+                                f"pass --set cwd.{key}={cls.defaults[key]}")
+
+    def __init__(self, settings, ctx):
+        super().__init__(settings, ctx)
+        if not ctx.dense:
+            task = getattr(ctx.task, "name", "this task")
+            raise UserError(f"method cwd needs dense (N, C, H, W) predictions, and {task} predicts one score per class per image",
+                            "use a logit term (kd, dkd or dist) for classification, or cwd with --task segmentation")
+        self.weight = float(settings["weight"])
+        self.temperature = float(settings["temperature"])
+
+    def forward(self, step):
+        if self.weight == 0:
+            return {}
+        student, teacher = step.student, step.teacher
+        if step.class_dim not in (1, -3):
+            student, teacher = student.movedim(step.class_dim, 1), teacher.movedim(step.class_dim, 1)
+        if teacher.shape[-2:] != student.shape[-2:]:
+            teacher = F.interpolate(teacher.float(), size=student.shape[-2:], mode="bilinear", align_corners=False)
+        return {"cwd": self.weight * cwd_loss(student, teacher, self.temperature)}
