@@ -1,0 +1,222 @@
+"""Choosing a student: the shipped recipes and a curated list of small families, measured here.
+
+Each candidate is built with the data's number of classes (random weights: speed and size do not
+depend on them) and measured at one input size: params, FLOPs (lcdistill.evaluate.flops) and the
+median latency of batch-1 calls on the chosen runtime, every candidate with the same thread count.
+For onnxruntime each candidate is first exported to a temporary ONNX file by lcdistill.export.to_onnx,
+the same path `lcdistill export` takes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import statistics
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from lcdistill.errors import UserError
+
+# Small timm and torchvision families, one or two sizes each (the shipped recipes come on top).
+CURATED: tuple[tuple[str, str], ...] = (
+    ("timm", "mobilenetv2_050"),
+    ("timm", "mobilenetv2_100"),
+    ("timm", "mobilenetv3_small_100"),
+    ("timm", "mobilenetv3_large_100"),
+    ("timm", "efficientnet_b0"),
+    ("timm", "efficientnet_lite0"),
+    ("timm", "ghostnet_100"),
+    ("timm", "regnetx_002"),
+    ("timm", "regnetx_004"),
+    ("timm", "resnet18"),
+    ("timm", "convnext_atto"),
+    ("timm", "mobileone_s0"),
+    ("tv", "mobilenet_v3_small"),
+    ("tv", "mobilenet_v3_large"),
+)
+# Small encoder-decoders for segmentation data (lcdistill.models.segmentation names).
+CURATED_DENSE: tuple[tuple[str, str], ...] = (
+    ("tv", "lraspp_mobilenet_v3_large"),
+    ("tv", "deeplabv3_mobilenet_v3_large"),
+    ("smp", "DeepLabV3Plus:mobilenet_v2"),
+    ("smp", "Unet:resnet18"),
+    ("smp", "Unet:tu-mobilenetv3_small_100"),
+    ("smp", "FPN:efficientnet-b0"),
+)
+CURATED_BY_TASK = {"classification": CURATED, "segmentation": CURATED_DENSE}
+RUNTIMES = ("onnxruntime", "torch")
+WARMUP, REPEATS = 5, 20
+
+
+@dataclass
+class Candidate:
+    student: str  # what to pass to --student: a recipe name or source:name
+    source: str
+    name: str
+    recipe: bool = False
+    role: str = "student"  # or "teacher"
+
+
+@dataclass
+class Row:
+    student: str
+    model: str
+    role: str
+    recipe: bool
+    params: int | None = None
+    flops: int | None = None
+    latency_ms: float | None = None
+    within_budget: bool | None = None
+    error: str | None = None
+
+
+def _key(source: str, name: str, task_name: str) -> tuple[str, str]:
+    """(library, name) of a model name, or the one-line error for a name no library knows."""
+    from lcdistill import models
+    from lcdistill.models import segmentation
+
+    if task_name == "segmentation":
+        arch = segmentation.parse(name if source == "auto" else f"{source}:{name}")
+        if arch is None:
+            raise UserError(f"'{name}' is not a segmentation model", segmentation.NAME_HINT)
+        return arch["source"], arch["name"]
+    return models.resolve_source(source, name), name
+
+
+def candidates(only: list[str] | None = None, task_name: str = "classification") -> list[Candidate]:
+    """The shipped recipes' students for the task and its curated families, one row per architecture
+    (a recipe's name wins); or just the models / recipes named in `only`."""
+    from lcdistill import recipe as recipes
+
+    shipped = {}
+    for recipe_name, path in recipes.list_recipes().items():
+        r = recipes.read_yaml(path)
+        own = r.get("task", "auto")
+        if own == task_name or own == "auto" and task_name == "classification":  # a recipe without a task is a classifier's
+            shipped[recipe_name] = r["student"]
+    found: dict[tuple[str, str], Candidate] = {}
+    if only:
+        for spec in only:
+            if spec in shipped:
+                source, name = _key(shipped[spec].get("source", "auto"), shipped[spec]["name"], task_name)
+                found.setdefault((source, name), Candidate(spec, source, name, recipe=True))
+            else:
+                source, name = _key(*recipes.split_source(spec), task_name) if task_name == "classification" else _key("auto", spec, task_name)
+                found.setdefault((source, name), Candidate(f"{source}:{name}", source, name))
+        return list(found.values())
+    for recipe_name, s in shipped.items():
+        source, name = _key(s.get("source", "auto"), s["name"], task_name)
+        found.setdefault((source, name), Candidate(recipe_name, source, name, recipe=True))
+    for source, name in CURATED_BY_TASK.get(task_name, ()):
+        found.setdefault((source, name), Candidate(f"{source}:{name}", source, name))
+    return list(found.values())
+
+
+def default_input_size(median_side: float | None) -> int:
+    """A square size near the training images' own (a multiple of 32, 32 to 224)."""
+    if not median_side:
+        return 224
+    return int(max(32, min(224, 32 * round(median_side / 32))))
+
+
+def runnable(model: torch.nn.Module, meta: dict, task, runtime: str, folder: Path) -> tuple[dict, Callable[[], object]]:
+    """params and FLOPs of one built model, and a batch-1 call on `runtime` to time (for onnxruntime the
+    model is exported to ONNX in `folder` first, as `lcdistill export` does)."""
+    from lcdistill import export
+    from lcdistill.evaluate import flops
+    from lcdistill.models import params
+
+    model = task.exportable(model).eval()
+    size = meta["input_size"]
+    stats = {"params": params(model), "flops": flops(model, size)}
+    x = torch.randn(1, *size)
+    if runtime == "torch":
+        def call():
+            with torch.no_grad():
+                return model(x)
+        return stats, call
+    with contextlib.redirect_stdout(io.StringIO()):  # the exporter's progress lines, where fd 1 is not sys.stdout
+        path = export.to_onnx(model, meta, folder / f"candidate{len(list(folder.iterdir()))}.onnx", task.export)
+    session = export.onnx_session(path)
+    return stats, lambda: export.run_onnx(session, x)
+
+
+def interleaved(calls: list[Callable[[], object]], warmup: int = WARMUP, repeats: int = REPEATS,
+                tick: Callable[[], None] | None = None) -> list[float]:
+    """Median wall time (ms) of each call, timed in rounds (one call of each per round) so that load from
+    other processes falls on all of them alike instead of on whichever was measured at the time."""
+    for call in calls:
+        for _ in range(warmup):
+            call()
+    times: list[list[float]] = [[] for _ in calls]
+    for _ in range(repeats):
+        for i, call in enumerate(calls):
+            start = time.perf_counter()
+            call()
+            times[i].append((time.perf_counter() - start) * 1000)
+        if tick:
+            tick()
+    return [statistics.median(t) for t in times]
+
+
+def _short(e: BaseException) -> str:
+    text = (e.line() if isinstance(e, UserError) else str(e)).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:120]}" if text else type(e).__name__
+
+
+def survey(task, classes: list[str], input_size: int, runtime: str, cands: list[Candidate], teacher: str | None = None,
+           max_latency_ms: float | None = None, repeats: int = REPEATS, progress: Callable[[str], None] | None = None) -> list[Row]:
+    """Build (and export) each candidate and the teacher (for scale), then time them all in interleaved
+    rounds; rows sorted by latency, budget marked. progress(name) is called per candidate built and
+    per timing round ("timing")."""
+    from lcdistill import models
+
+    if runtime not in RUNTIMES:
+        raise UserError(f"unknown --runtime '{runtime}'", f"choose {' or '.join(RUNTIMES)}")
+    size = [3, input_size, input_size]
+    todo: list[tuple[Candidate, Callable[[], models.Loaded]]] = []
+    if teacher:
+        t = task.resolve(teacher, len(classes), pretrained=False)  # random weights: its speed, not its accuracy
+        todo.append((Candidate(teacher, t.arch["source"], t.arch["name"], role="teacher"), lambda t=t: t))
+    for c in cands:
+        todo.append((c, lambda c=c: task.resolve(f"{c.source}:{c.name}", len(classes), pretrained=False, keep_head=False)))
+    rows, calls, timed = [], [], []
+    with tempfile.TemporaryDirectory(prefix="lcdistill-students-") as tmp:
+        for cand, build in todo:
+            if progress:
+                progress(cand.student)
+            row = Row(cand.student, f"{cand.source}:{cand.name}", cand.role, cand.recipe)
+            try:
+                torch.manual_seed(0)
+                loaded = build()
+                meta = models.model_meta(loaded, classes, size, task.metadata(classes))
+                stats, call = runnable(loaded.model, meta, task, runtime, Path(tmp))
+                row.params, row.flops = stats["params"], stats["flops"]
+                call()  # a model that cannot run at this size fails here, not in the timing rounds
+                calls.append(call)
+                timed.append(row)
+            except UserError as e:
+                if cand.role == "teacher":
+                    raise
+                row.error = e.line()[:160]
+            except Exception as e:  # a family that does not export or run: say so in its row, measure the rest
+                row.error = _short(e)
+            rows.append(row)
+        for row, ms in zip(timed, interleaved(calls, repeats=repeats, tick=(lambda: progress("timing")) if progress else None)):
+            row.latency_ms = ms
+    if max_latency_ms is not None:
+        for row in rows:
+            row.within_budget = row.latency_ms is not None and row.latency_ms <= max_latency_ms
+    return sorted(rows, key=lambda r: (r.latency_ms is None, r.latency_ms or 0.0))
+
+
+def as_dicts(rows: list[Row]) -> list[dict]:
+    return [asdict(r) for r in rows]
+
+
+__all__ = ["CURATED", "CURATED_DENSE", "RUNTIMES", "Candidate", "Row", "as_dicts", "candidates", "default_input_size", "interleaved", "runnable", "survey"]
