@@ -43,8 +43,9 @@ demo-seg: venv
 	$(BIN)/lcdistill eval $(SEG_DEMO)/student --data $(SEG_DEMO)/scenes --exports $(SEG_DEMO)/export --save $(SEG_DEMO)/eval.json
 	$(BIN)/lcdistill report $(SEG_DEMO)/student --data $(SEG_DEMO)/scenes --eval $(SEG_DEMO)/eval.json
 
+# two pytest workers, one per core (each test runs on one thread); a file stays in one worker so its fixtures are made once
 test: venv
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
