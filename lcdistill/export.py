@@ -112,10 +112,11 @@ def to_torchscript(model: nn.Module, meta: dict, path: Path) -> Path:
 PT2_META = "lcdistill.json"  # the metadata's name among a .pt2 file's extra files
 
 
-def to_pt2(model: nn.Module, meta: dict, path: Path, spec: ExportSpec) -> Path:
+def to_pt2(model: nn.Module, meta: dict, path: Path, spec: ExportSpec | None = None) -> Path:
     """A torch.export ExportedProgram with the task's dynamic axes (batch at least, torch.export.Dim), saved by
     torch.export.save with the metadata above as an extra file. A model torch.export cannot trace: one line
     naming its family."""
+    spec = spec or task_of(meta).export
     model = model.eval()
     example = torch.randn(2, *meta["input_size"])
     # free sizes first; an encoder-decoder whose skips need sides divisible by its stride gets multiples of 32

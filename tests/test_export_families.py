@@ -1,5 +1,5 @@
 """Export holds across architectures: one member of each CNN family, random weights, through
-lcdistill.export.to_onnx / to_torchscript, checked against PyTorch at batch 1 and batch 7.
+lcdistill.export.to_onnx / to_torchscript / to_pt2, checked against PyTorch at batch 1 and batch 7.
 
 The ONNX (dynamo) export dominates the time: roughly 3-15 s of CPU per model, so the list is
 one small member per family rather than every size (timm's MobileNetV3 is left out: torchvision's
@@ -54,6 +54,9 @@ def test_family_exports_match_pytorch(source, name, tmp_path):
 
     onnx_file = export.to_onnx(model, meta, tmp_path / "m.onnx")
     ts_file = export.to_torchscript(model, meta, tmp_path / "m.pt")
+    pt2_file = export.to_pt2(model, meta, tmp_path / "m.pt2")  # torch.export: every family here traces
+    assert export.read_pt2_metadata(pt2_file)["arch"] == arch
+    program = export.load_pt2(pt2_file)
 
     proto = onnx.load(str(onnx_file))
     assert proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param, "batch dimension is not dynamic"
@@ -72,3 +75,4 @@ def test_family_exports_match_pytorch(source, name, tmp_path):
             assert expected.shape == (batch, len(CLASSES))
             assert_close(export.run_onnx(session, x), expected, f"{name} onnx batch {batch}")
             assert_close(scripted(x), expected, f"{name} torchscript batch {batch}")
+            assert_close(program(x), expected, f"{name} pt2 batch {batch}")

@@ -1,5 +1,5 @@
 """`lcdistill export --format pt2`: a torch.export ExportedProgram with a dynamic batch, checked against
-eager PyTorch on real images, measured by `lcdistill eval`, and exported across the CNN families."""
+eager PyTorch on real images, measured by `lcdistill eval` (the CNN families: tests/test_export_families.py)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from conftest import EVAL, assert_user_error, cli, cli_ok
 from lcdistill import artifacts, export, models
 from lcdistill.errors import UserError
 from test_export import TOLERANCE, val_batch
-from test_export_families import CLASSES, FAMILIES, SIZE, assert_close, unit_logits
+from test_export_families import CLASSES, SIZE
 
 
 @pytest.fixture(scope="session")
@@ -72,23 +72,6 @@ def test_eval_measures_pt2_like_the_run(pt2_export, small_data):
     # beside the run: `eval RUN --exports DIR` measures the pt2 file with the others
     beside = json.loads(cli_ok("eval", run, "--data", small_data, "--json", *EVAL, "--no-teacher", "--exports", out).stdout)
     assert beside["pt2"]["kind"] == "pt2"
-
-
-@pytest.mark.parametrize("source,name", FAMILIES, ids=[f"{s}:{n}" for s, n in FAMILIES])
-def test_family_pt2_matches_pytorch(source, name, tmp_path):
-    torch.manual_seed(0)
-    arch = {"source": source, "name": name, "kwargs": {}}
-    model = models.build(arch, len(CLASSES)).eval()
-    unit_logits(model)
-    loaded = models.Loaded(model, arch, len(CLASSES), models.data_config(model), name, arch)
-    meta = models.model_meta(loaded, CLASSES, SIZE)
-    path = export.to_pt2(model, meta, tmp_path / "m.pt2", artifacts_task().export)
-    assert export.read_pt2_metadata(path)["arch"] == arch
-    module = export.load_pt2(path)
-    with torch.no_grad():
-        for batch in (1, 7):
-            x = torch.randn(batch, *SIZE, generator=torch.Generator().manual_seed(batch))
-            assert_close(module(x), model(x), f"{name} pt2 batch {batch}")
 
 
 def artifacts_task():

@@ -235,6 +235,15 @@ def probe_twice(model: nn.Module, probe_size: int, names: Optional[Iterable[str]
     return fired, fired2, size2
 
 
+def named_modules(model: nn.Module, names: Sequence[str]) -> Dict[str, nn.Module]:
+    """The model's modules by path, or ValueError naming those of `names` it lacks."""
+    modules = dict(model.named_modules())
+    missing = [n for n in names if n not in modules or n == ""]
+    if missing:
+        raise ValueError(f"no module named {', '.join(map(repr, missing))} in the model")
+    return modules
+
+
 def probe_modules(model: nn.Module, names: Sequence[str], probe_size: int = 224) -> List[Stage]:
     """Stage info (channels, stride) for explicitly named modules, in the given order.
 
@@ -243,10 +252,7 @@ def probe_modules(model: nn.Module, names: Sequence[str], probe_size: int = 224)
     """
     check_size(probe_size)
     model = unwrap(model)
-    modules = dict(model.named_modules())
-    missing = [n for n in names if n not in modules or n == ""]
-    if missing:
-        raise ValueError(f"no module named {', '.join(map(repr, missing))} in the model")
+    named_modules(model, names)
     fired, fired2, size2 = probe_twice(model, probe_size, names)
     table = ProbeResult(fired, probe_size, fired2, size2).stages
     out = []

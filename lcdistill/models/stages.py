@@ -32,7 +32,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
-from lcdistill.models.probe import ProbeResult, Stage, _input_channels, _param_device_dtype, check_size, probe_forward, probe_modules, probe_twice, unique_shapes
+from lcdistill.models.probe import ProbeResult, Stage, _input_channels, _param_device_dtype, check_size, named_modules, probe_forward, probe_modules, probe_twice, unique_shapes
 from lcdistill.models.taps import first_tensor, unwrap
 
 
@@ -261,10 +261,7 @@ def pre_activation(model: nn.Module, names: Sequence[str], probe_size: int = 224
     """
     check_size(probe_size)
     model = unwrap(model)
-    modules = dict(model.named_modules())
-    missing = [n for n in names if n not in modules or n == ""]
-    if missing:
-        raise ValueError(f"no module named {', '.join(map(repr, missing))} in the model")
+    modules = named_modules(model, names)
     fired: List[Tuple[str, nn.Module, object]] = []
     outputs: Dict[str, object] = {}
 
