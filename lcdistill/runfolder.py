@@ -17,7 +17,8 @@ from __future__ import annotations
 from pathlib import Path
 
 # What `lcdistill export` writes, in the order tables list them.
-EXPORT_FILES = ("student.onnx", "student.int8.onnx", "student.pt", "student.pt2")
+EXPORTS = {"onnx": "student.onnx", "int8": "student.int8.onnx", "torchscript": "student.pt", "pt2": "student.pt2"}
+EXPORT_FILES = tuple(EXPORTS.values())
 HUB_FOLDER = "hub"
 
 
@@ -42,6 +43,10 @@ class RunFolder:
     report = property(lambda self: self.path / "report.html")
     plots = property(lambda self: self.path / "plots")
     hub = property(lambda self: self.path / HUB_FOLDER)
+
+    def export(self, fmt: str) -> Path:
+        """Where `lcdistill export --out THIS_FOLDER` writes a format (onnx, int8, torchscript, pt2)."""
+        return self.path / EXPORTS[fmt]
 
     def finished(self) -> bool:
         """A student was written: the folder can be evaluated, exported, used as a teacher."""

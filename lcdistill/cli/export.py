@@ -31,6 +31,7 @@ def export(
     import torch
 
     from lcdistill import artifacts, export as exporter
+    from lcdistill.runfolder import RunFolder
     from lcdistill.data import eval_loader, normalize
 
     if format not in FORMATS:
@@ -55,19 +56,18 @@ def export(
         batch, source = torch.randn(8, *meta["input_size"]), "8 random inputs (pass --data for real images)"
     files = {}
     if format in ("onnx", "all"):
-        files["onnx"] = exporter.to_onnx(model, meta, out_dir / "student.onnx", task.export, opset)
+        files["onnx"] = exporter.to_onnx(model, meta, RunFolder(out_dir).export("onnx"), task.export, opset)
     if format in ("torchscript", "all"):
-        files["torchscript"] = exporter.to_torchscript(model, meta, out_dir / "student.pt")
+        files["torchscript"] = exporter.to_torchscript(model, meta, RunFolder(out_dir).export("torchscript"))
     if format in ("pt2", "all"):
         try:
-            files["pt2"] = exporter.to_pt2(model, meta, out_dir / "student.pt2", task.export)
+            files["pt2"] = exporter.to_pt2(model, meta, RunFolder(out_dir).export("pt2"), task.export)
         except UserError as e:
             if format == "pt2":
                 raise
             typer.echo(f"pt2: skipped: {e.line()}")
     if format in ("hub", "all"):
         from lcdistill import hubfolder
-        from lcdistill.runfolder import RunFolder
 
         files["hub"] = hubfolder.from_artifact(source_file, RunFolder(out_dir).hub, eval_file)
     diffs = exporter.parity(model, files, batch)

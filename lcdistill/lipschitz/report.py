@@ -37,7 +37,10 @@ def trained_connectors(run_dir: Path, student: nn.Module, teacher: nn.Module, ta
     london = distiller.term("london")
     if london is None or london.connectors is None:  # not london, or student_side raw
         return None
-    distiller.load_method_state(Checkpointer(folder, main=False).load()["method"])
+    state = Checkpointer(folder, main=False).load()
+    if "method" not in state:  # written before the task layer: its connectors are not where this looks
+        return None
+    distiller.load_method_state(state["method"])
     return london.pairs, london.connectors.eval()
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -115,7 +116,10 @@ class OFD(Term):
         for i, f in enumerate(teacher_features):
             if not self.margin_ready[i]:
                 flat = f.float().transpose(0, 1).flatten(1)  # (C, N*H*W)
-                getattr(self, f"margin{i}").copy_(gaussian_margin(flat.std(dim=1), flat.mean(dim=1)).view(1, -1, 1, 1))
+                margin = getattr(self, f"margin{i}")
+                margin.copy_(gaussian_margin(flat.std(dim=1), flat.mean(dim=1)).view(1, -1, 1, 1))
+                if dist.is_available() and dist.is_initialized():
+                    dist.broadcast(margin, src=0)  # every process trains against rank 0's first-batch margins
                 self.margin_ready[i] = True
 
     def forward(self, step):

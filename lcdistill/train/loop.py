@@ -107,6 +107,9 @@ class Trainer:
         return {"sums": {}, "skipped": 0}
 
     def load(self, state: dict) -> None:
+        if "student" not in state:  # "trainable": written before the task layer
+            raise UserError(f"the checkpoint in {self.folder.checkpoints} was written by an older lcdistill",
+                            "start the run again, or finish it with the lcdistill version that began it")
         self.student.load_state_dict(state["student"])
         self.distiller.load_method_state(state["method"])
         if self.ema and state["ema"] is not None:
@@ -234,7 +237,7 @@ class Trainer:
                 if (rt.world == 1 or self.step_in_epoch % self.log_every == 0) and self._should_stop():
                     self._stop()
         n = max(self.step_in_epoch, 1)
-        self.epoch_losses = {k: (v / n).item() for k, v in sums.items()}
+        self.epoch_losses = {k: float(v / n) for k, v in sums.items()}  # sums restored by a resume are floats
         self.epoch_rate = seen * rt.world / max(time.perf_counter() - start, 1e-9)
         self.epoch_skipped = self.partial["skipped"]
 
