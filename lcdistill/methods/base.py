@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from lcdistill.data import normalize
+from lcdistill.errors import UserError
 
 
 @dataclass
@@ -65,6 +66,15 @@ class Term(nn.Module):
     @classmethod
     def validate(cls, settings: dict) -> None:
         """Raise UserError naming the key and the fix."""
+
+    @classmethod
+    def check_numbers(cls, settings: dict, at_least_zero: tuple[str, ...] = (), above_zero: tuple[str, ...] = ()) -> None:
+        """The one check of a term's numeric keys: a number >= 0 (weights, warm-ups) or > 0 (temperatures)."""
+        for key in (*at_least_zero, *above_zero):
+            v, positive = settings[key], key in above_zero
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0 or (positive and v == 0):
+                raise UserError(f"{cls.section}.{key} must be a number {'> 0' if positive else '>= 0'}, got {v!r}",
+                                f"pass --set {cls.section}.{key}={cls.defaults[key]}")
 
     def student_taps(self) -> list[str]:
         """Module paths of the student whose outputs the term reads."""

@@ -37,11 +37,7 @@ class CWD(Term):
 
     @classmethod
     def validate(cls, settings: dict) -> None:
-        for key in ("weight", "temperature"):
-            v = settings[key]
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0 or (key == "temperature" and v == 0):
-                raise UserError(f"cwd.{key} must be a number {'> 0' if key == 'temperature' else '>= 0'}, got {v!r}",
-                                f"pass --set cwd.{key}={cls.defaults[key]}")
+        cls.check_numbers(settings, at_least_zero=("weight",), above_zero=("temperature",))
 
     def __init__(self, settings, ctx):
         super().__init__(settings, ctx)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import torch
 
-from lcdistill.errors import UserError
 from lcdistill.methods.base import Term
 from lcdistill.methods.dkd import rows
 
@@ -54,11 +53,7 @@ class DIST(Term):
 
     @classmethod
     def validate(cls, settings: dict) -> None:
-        for key in ("weight", "beta", "gamma", "tau"):
-            v = settings[key]
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0 or (key == "tau" and v == 0):
-                raise UserError(f"dist.{key} must be a number {'> 0' if key == 'tau' else '>= 0'}, got {v!r}",
-                                f"pass --set dist.{key}={cls.defaults[key]}")
+        cls.check_numbers(settings, at_least_zero=("weight", "beta", "gamma"), above_zero=("tau",))
 
     def __init__(self, settings, ctx):
         super().__init__(settings, ctx)

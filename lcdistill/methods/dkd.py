@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import torch
 
-from lcdistill.errors import UserError
 from lcdistill.methods.base import Term
 from lcdistill.methods.kd import IGNORE_INDEX, resize_targets
 
@@ -88,11 +87,7 @@ class DKD(Term):
 
     @classmethod
     def validate(cls, settings: dict) -> None:
-        for key in ("alpha", "beta", "temperature", "warmup_epochs"):
-            v = settings[key]
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0 or (key == "temperature" and v == 0):
-                raise UserError(f"dkd.{key} must be a number {'> 0' if key == 'temperature' else '>= 0'}, got {v!r}",
-                                f"pass --set dkd.{key}={cls.defaults[key]}")
+        cls.check_numbers(settings, at_least_zero=("alpha", "beta", "warmup_epochs"), above_zero=("temperature",))
 
     def __init__(self, settings, ctx):
         super().__init__(settings, ctx)

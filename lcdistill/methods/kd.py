@@ -4,7 +4,6 @@ Dense predictions (N, C, H, W) are distilled per pixel, over the labelled pixels
 import torch
 import torch.nn.functional as F
 
-from lcdistill.errors import UserError
 from lcdistill.methods.base import Term
 
 IGNORE_INDEX = 255  # unlabelled pixels of dense targets
@@ -49,9 +48,7 @@ class KD(Term):
 
     @classmethod
     def validate(cls, settings: dict) -> None:
-        t = settings["temperature"]
-        if isinstance(t, bool) or not isinstance(t, (int, float)) or t <= 0:
-            raise UserError(f"kd.temperature must be a number > 0, got {t!r}", "pass --set kd.temperature=4")
+        cls.check_numbers(settings, above_zero=("temperature",))
 
     def __init__(self, settings, ctx):
         super().__init__(settings, ctx)

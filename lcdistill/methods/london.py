@@ -37,12 +37,6 @@ def match_pairs(student: nn.Module, teacher: nn.Module, settings: dict, probe_si
         raise UserError(f"method london: {e}", "set london.pairs in the recipe, or use --method kd") from None
 
 
-def _number(settings: dict, key: str) -> None:
-    value = settings[key]
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-        raise UserError(f"london.{key} must be a number >= 0, got {value!r}", f"pass --set london.{key}=X")
-
-
 class London(Term):
     name = section = "london"
     defaults = {
@@ -62,8 +56,7 @@ class London(Term):
 
     @classmethod
     def validate(cls, settings: dict) -> None:
-        for key in ("alpha", "warmup_epochs"):
-            _number(settings, key)
+        cls.check_numbers(settings, at_least_zero=("alpha", "warmup_epochs"))
         if settings["student_side"] not in ("raw", "connected"):
             raise UserError(f"unknown london.student_side '{settings['student_side']}'", "choose raw or connected")
         if settings["distance"] not in ("log_mse", "mse", "relative"):

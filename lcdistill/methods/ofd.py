@@ -65,9 +65,7 @@ class OFD(Term):
 
     @classmethod
     def validate(cls, settings: dict) -> None:
-        v = settings["weight"]
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
-            raise UserError(f"ofd.weight must be a number >= 0, got {v!r}", "pass --set ofd.weight=1e-4")
+        cls.check_numbers(settings, at_least_zero=("weight",))
 
     def __init__(self, settings, ctx):
         super().__init__(settings, ctx)

@@ -90,6 +90,18 @@ def load_into(model: nn.Module, state: dict[str, torch.Tensor], what: str, num_c
     model.load_state_dict(state)
 
 
+
+def from_weights_file(arch: dict, num_classes: int, weights: str, keep_head: bool, label: str) -> tuple[nn.Module, str, dict]:
+    """(model, origin, rebuild spec) of an architecture loaded from a local weights file."""
+    from pathlib import Path
+
+    from lcdistill.checkpoint import load_weights
+
+    model = build(arch, num_classes)
+    load_into(model, load_weights(Path(weights)), f"weights file {weights}", num_classes, keep_head)
+    return model, f"{label} + {weights}", {**arch, "weights": str(Path(weights).resolve())}
+
+
 def data_config(model: nn.Module) -> dict:
     """mean/std/input size/interpolation/crop_pct from timm's pretrained_cfg (torchvision gets timm's ImageNet defaults)."""
     from timm.data import resolve_data_config

@@ -15,7 +15,7 @@ from torch import nn
 
 from lcdistill.checkpoint import load_weights
 from lcdistill.errors import UserError
-from lcdistill.models.factory import build, data_config, load_into, params
+from lcdistill.models.factory import build, data_config, from_weights_file, load_into, params
 from lcdistill.models.hub import resolve_source
 from lcdistill.recipe import split_source
 from lcdistill.runfolder import RunFolder
@@ -91,10 +91,7 @@ def resolve(spec: str, num_classes: int, weights: str | None = None, pretrained:
     source, name = split_source(spec)
     arch = {"source": resolve_source(source, name), "name": name, "kwargs": dict(kwargs or {})}
     if weights:
-        model = build(arch, num_classes)
-        load_into(model, load_weights(Path(weights)), f"weights file {weights}", num_classes, keep_head)
-        origin = f"{arch['source']}:{name} + {weights}"
-        rebuild = {**arch, "weights": str(Path(weights).resolve())}
+        model, origin, rebuild = from_weights_file(arch, num_classes, weights, keep_head, f"{arch['source']}:{name}")
     else:
         if pretrained and keep_head and num_classes != 1000:
             raise UserError(

@@ -175,10 +175,7 @@ def resolve(spec: str, num_classes: int, weights: str | None = None, pretrained:
             kwargs: dict | None = None, keep_head: bool = True):
     """A segmentation model by name (+ a weights file, or hub weights) as a models.Loaded; None when
     spec names no segmentation model (the caller goes on to classifiers, run folders and files)."""
-    from pathlib import Path
-
-    from lcdistill.checkpoint import load_weights
-    from lcdistill.models.factory import load_into
+    from lcdistill.models.factory import from_weights_file
     from lcdistill.models.runs import Loaded
 
     arch = parse(spec)
@@ -188,10 +185,7 @@ def resolve(spec: str, num_classes: int, weights: str | None = None, pretrained:
     if arch["source"] == "smp":
         _check_smp_name(arch["name"])
     if weights:
-        model = build(arch, num_classes)
-        load_into(model, load_weights(Path(weights)), f"weights file {weights}", num_classes, keep_head)
-        origin = f"{spec_of(arch)} + {weights}"
-        rebuild = {**arch, "weights": str(Path(weights).resolve())}
+        model, origin, rebuild = from_weights_file(arch, num_classes, weights, keep_head, spec_of(arch))
     else:
         if pretrained and keep_head and not (arch["source"] == "tv" and num_classes == 21):
             raise UserError(
