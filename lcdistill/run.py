@@ -152,7 +152,7 @@ def run(p: Prepared, console: Console, resume: bool = False) -> dict:
                       + (f" <- teacher {p.teacher.origin} ({p.teacher.params / 1e6:.2f}M)" if p.teacher else "")
                       + f", {len(p.splits.train.samples)} train / {len(p.splits.val.samples)} val images, {len(p.splits.classes)} classes, {p.input_size}px, {rt.device}")
         for line in distiller.describe():
-            console.print(f"  pair {line}")
+            console.print(f"  {line}")
         guardrails.warn(p, console)  # settings that run but are likely mistakes: one line each, naming the flag
         if isinstance(train_set, JpegDataset):
             console.print(f"  JPEGs decoded and augmented on {rt.device} (data.gpu_decode)")

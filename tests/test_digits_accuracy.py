@@ -62,10 +62,12 @@ def test_london_student_learns_from_the_teacher(london_runs, digits):
 
 
 def connected_gap(run, data) -> float:
-    """Mean over stage pairs of |student - teacher| TM spectral norm, student through its connectors."""
+    """Mean |student - teacher| TM spectral norm, student through its connectors, over the TMs the term
+    uses: at 32 px the third (stride 16 -> 32) is 1x1, and london.min_positions leaves it out."""
     report = json.loads(cli_ok("lipschitz", run, "--data", data, "--json", "--device", "cpu", "--batches", "6").stdout)
     assert len(report["stages"]) == 3 and all(row["model"] > 0 and row["teacher"] > 0 for row in report["stages"])
-    return sum(abs(row["connected_gap"]) for row in report["stages"]) / len(report["stages"])
+    used = report["stages"][:2]
+    return sum(abs(row["connected_gap"]) for row in used) / len(used)
 
 
 def test_default_alpha_shrinks_the_lipschitz_gap_without_hurting_top1(london_runs, digits):

@@ -66,7 +66,33 @@ def test_default_pairs_are_by_stride_deeper_weighted_more():
     london = make().term("london")
     assert [s.stride for s, _ in london.pairs] == [4, 8, 16, 32]
     assert [s.stride for s, t in london.pairs] == [t.stride for s, t in london.pairs]
-    assert london.pair_weights.tolist() == [0.25, 0.5, 1.0]
+    assert london.pair_weights.tolist() == [0.125, 0.25, 0.5]  # the authors': deepest 1/2
+
+
+def test_a_one_position_matrix_is_left_out_and_the_printed_pairs_say_so():
+    """At 32 px the stride-32 maps are 1x1: that TM is rank 1 (its sigma a product of feature norms)
+    and is left out; at 64 px (2x2) every TM is used. The weights follow the matrices used."""
+    images, targets = torch.rand(4, 3, 32, 32), torch.randint(0, 10, (4,))
+    small = make(**{"data.input_size": 32, "loss.ce": 0, "kd.weight": 0})
+    london = small.term("london")
+    assert london.matrices == [0, 1] and london.pair_weights.tolist() == [0.25, 0.5]
+    lines = small.describe()
+    assert lines[-1] == "transmitting matrix stride 16 -> 32 (1x1 map at 32 px): left out, 1 position(s) < london.min_positions 4"
+    assert lines[-2] == "transmitting matrix stride 8 -> 16 (2x2 map at 32 px): weight 0.5"
+    _, losses = small.train()(images, targets)
+    assert london.stats["lip_gap"].shape == (2,)
+    # the stride-32 pair feeds only the left-out matrix: not tapped and no connector (whose parameters
+    # would get no gradient, which DDP refuses); every connector built gets gradient
+    assert len(london.connectors) == 3 and london.student_taps() == [s.name for s, _ in london.pairs[:3]]
+    losses["lip"].backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in london.connectors.parameters())
+    with_features = make(**{"data.input_size": 32, "london.feature_weight": 1.0}).term("london")
+    assert len(with_features.connectors) == 4  # the feature loss reads every pair
+
+    assert make(**{"data.input_size": 64}).term("london").matrices == [0, 1, 2]
+    assert make(**{"data.input_size": 32, "london.min_positions": 1}).term("london").matrices == [0, 1, 2]
+    with pytest.raises(UserError, match="min_positions"):
+        make(**{"data.input_size": 32, "london.min_positions": 100})
 
 
 def test_pairs_set_in_recipe_are_used():

@@ -332,8 +332,8 @@ def test_ofd_london_is_the_papers_london_on_ofd_maps():
 
     ofd.forward = spy
     _, out = distiller(images, targets)
-    s_sigma = stage_sigmas(captured["student"], 5)
-    t_sigma = stage_sigmas(captured["teacher"], 5)
+    s_sigma = stage_sigmas(captured["student"], 20)
+    t_sigma = stage_sigmas(captured["teacher"], 20)
     ref = lipschitz_loss(s_sigma, t_sigma, default_pair_weights(3), "log_mse")
     torch.testing.assert_close(out["lip"], ref)
     out["lip"].backward()
@@ -402,23 +402,3 @@ def test_cli_refuses_cwd_on_classification_and_two_logit_terms(teacher_run, smal
         result = cli("compress", "--teacher", teacher_run, "--student", "mobilenetv2_050", "--data", small_data,
                      "--method", method, *FAST, "--out", out)
         assert_user_error(result, *words, run_dir=out)
-
-
-# ---- the power iteration on signed maps (a measurement for the lead; the default is unchanged) ---
-def test_power_iteration_on_signed_maps_converges_with_more_iterations(capsys):
-    from lcdistill.lipschitz.tm import tm_spectral_norm
-
-    g = gen(31)
-    a = torch.randn(64, 32, 8, 8, generator=g)
-    b = torch.randn(64, 48, 4, 4, generator=g)
-    pooled = F.adaptive_avg_pool2d(a, (4, 4)).flatten(2)
-    exact = torch.linalg.matrix_norm(pooled @ b.flatten(2).transpose(1, 2) / 16, ord=2)
-    errors = {}
-    for it in (5, 10, 20, 50):
-        rel = (exact - tm_spectral_norm(a, b, it)) / exact
-        errors[it] = (float(rel.mean()), float(rel.quantile(0.9)), float(rel.max()))
-    with capsys.disabled():
-        print("\nsigned maps, relative underestimate of sigma (mean, p90, max):",
-              {k: tuple(round(x, 4) for x in v) for k, v in errors.items()})
-    assert all(v[2] >= -1e-5 for v in errors.values())  # power iteration never overestimates
-    assert errors[50][0] < errors[5][0]

@@ -48,7 +48,7 @@ def trained_connectors(run_dir: Path, student: nn.Module, teacher: nn.Module, ta
 def stage_norms(model: nn.Module, mean, std, stages: list[str], loader, device, batches: int, iterations: int,
                 connectors: nn.ModuleList | None = None) -> tuple[list[float], list[float] | None]:
     """Mean TM spectral norm of each consecutive pair of the named stages over `batches` batches,
-    on the model's own maps and (given connectors, one per stage) on the connected maps."""
+    on the model's own maps and (given connectors, one per leading stage) on the connected maps."""
     model.eval().to(device)
     if connectors is not None:
         connectors.eval().to(device)
@@ -109,7 +109,7 @@ def report(model, model_cfg: dict, teacher, teacher_cfg: dict | None, loader, de
         }
         if teacher is not None:
             row["teacher_stages"] = [theirs[i].name, theirs[i + 1].name]
-        if joined is not None:
+        if joined is not None and i < len(joined):  # london trains no connector for a stage only a left-out matrix reads
             row["connected"], row["connected_gap"] = joined[i], joined[i] - ref[i]
         rows.append(row)
     model.cpu()

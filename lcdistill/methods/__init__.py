@@ -71,7 +71,7 @@ def is_dense(task) -> bool:
 def build(recipe: dict, task, student, teacher, student_cfg: dict, teacher_cfg: dict | None) -> Distiller:
     """The Distiller of recipe['method']; each term gets its own recipe section, and sees the terms
     built before it (ctx.peers)."""
-    ctx = Context(student, teacher, task, dense=is_dense(task))
+    ctx = Context(student, teacher, task, dense=is_dense(task), input_size=recipe["data"]["input_size"])
     terms = []
     for t in terms_of(recipe["method"]):
         terms.append(t(recipe[t.section], ctx))

@@ -40,6 +40,7 @@ class Context:
     teacher: nn.Module | None
     task: Any
     dense: bool = False  # the task predicts per pixel (N, C, H, W)
+    input_size: int | None = None  # square side the student is trained at (None: not known)
     peers: dict[str, Any] = field(default_factory=dict)  # the method's terms built so far, by name
 
 
@@ -88,7 +89,7 @@ class Term(nn.Module):
         return True
 
     def describe(self) -> list[str]:
-        """Lines printed at the start of a run (e.g. the stage pairs)."""
+        """Lines printed at the start of a run (e.g. "pair stride 8: ..." for each stage pair)."""
         return []
 
     def forward(self, step: Step) -> dict[str, torch.Tensor]:

@@ -103,7 +103,7 @@ class OFD(Term):
 
     def describe(self) -> list[str]:
         """One line per stage pair: the pair, where its pre-ReLU maps are read, where its margin comes from."""
-        return [f"{line}; ofd reads {s} <-> {t}, margin from {bn or 'the first batch'}"
+        return [f"pair {line}; ofd reads {s} <-> {t}, margin from {bn or 'the first batch'}"
                 for line, s, t, bn in zip(describe_pairs(self.pairs), self.student_names, self.teacher_names, self.margin_sources)]
 
     def margins(self) -> list[torch.Tensor]:
