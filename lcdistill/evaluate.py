@@ -60,14 +60,19 @@ def file_size(path) -> int | None:
     return os.path.getsize(path) if path and os.path.isfile(path) else None
 
 
+def placed(target, device: torch.device) -> torch.device:
+    """The device target runs on, its module moved there: ONNX Runtime sessions here run on the CPU,
+    everything else on the chosen device."""
+    if target.module is not None:
+        target.module.to(device)
+    return device if target.runtime != "onnx" else torch.device("cpu")
+
+
 def measure(target, loader, device: torch.device, batch_size: int, mean, std) -> dict:
     """The task's metric on the loader plus size, FLOPs and latency (batch 1 and batch_size) for one
     model: an artifacts.Artifact or artifacts.InMemory."""
     meta, predict, module = target.meta, target.predict, target.module
-    # ONNX Runtime sessions here run on the CPU; everything else on the chosen device
-    lat_device = device if target.runtime != "onnx" else torch.device("cpu")
-    if module is not None:
-        module.to(device)
+    lat_device = placed(target, device)
     metric = target.task.metric(len(meta["classes"]))
     result = score(predict, loader, lat_device, mean, std, metric)
     if hasattr(metric, "details"):  # e.g. segmentation's per-class IoU
@@ -91,8 +96,11 @@ def measure(target, loader, device: torch.device, batch_size: int, mean, std) ->
         device=str(lat_device),
     )
     if isinstance(module, nn.Module) and target.runtime == "pytorch":
-        result.update(params=params(module), flops=flops(module, size))
+        # what an export holds: a torchvision segmentation model's auxiliary head trains but is not shipped
+        aux = getattr(module, "aux_classifier", None)
+        shipped = params(module) - (params(aux) if isinstance(aux, nn.Module) else 0)
+        result.update(params=shipped, flops=flops(target.task.exportable(module), size))
     return result
 
 
-__all__ = ["file_size", "flops", "measure", "params", "score", "time_call"]
+__all__ = ["file_size", "flops", "measure", "params", "placed", "score", "time_call"]

@@ -148,3 +148,13 @@ def test_reading_metadata_from_foreign_files(tmp_path):
     (tmp_path / "junk.onnx").write_bytes(np.arange(100, dtype=np.uint8).tobytes())
     with pytest.raises(UserError, match="not a readable ONNX"):
         export.read_onnx_metadata(tmp_path / "junk.onnx")
+
+
+def test_parity_is_measured_relative_to_the_logits_scale():
+    from lcdistill.export import scaled_diff
+
+    reference = torch.tensor([[100.0, -3.0], [0.5, 2.0]])
+    assert scaled_diff(reference + 0.01, reference) == pytest.approx(1e-4, rel=1e-3)  # 0.01 of a largest |logit| of 100
+    small = torch.tensor([[0.2, -0.3]])
+    assert scaled_diff(small + 0.01, small) == pytest.approx(0.01, rel=1e-3)  # below 1: absolute
+    assert scaled_diff(reference[:1], reference) == float("inf")  # a wrong shape never passes

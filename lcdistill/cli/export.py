@@ -22,7 +22,7 @@ def export(
     out: Optional[str] = typer.Option(None, "--out", help="Folder for the files (default: the run folder)."),
     data: Optional[str] = typer.Option(None, "--data", help="Data folder for the parity batch (default: the run's own data)."),
     opset: int = typer.Option(OPSET, "--opset", help="ONNX opset."),
-    tolerance: float = typer.Option(1e-3, "--tolerance", help="Largest allowed |exported - PyTorch| on the logits."),
+    tolerance: float = typer.Option(1e-3, "--tolerance", help="Largest allowed |exported - PyTorch| on the logits, as a fraction of the largest |logit| (absolute below 1)."),
     quantize: str = typer.Option("none", "--quantize", help="none | int8: also write student.int8.onnx (static, calibrated on train images)."),
     calibration_images: int = typer.Option(CALIBRATION_IMAGES, "--calibration-images", help="Training images to calibrate int8 with."),
     eval_file: Optional[str] = typer.Option(None, "--eval", help="`lcdistill eval --save` file for the hub card's table (default: RUN/eval.json)."),
@@ -74,7 +74,7 @@ def export(
     worst = 0.0
     for fmt, diff in diffs.items():
         worst = max(worst, diff)
-        typer.echo(f"{fmt}: {files[fmt]}  max |diff| vs PyTorch {diff:.2e} on {source} and batch 1")
+        typer.echo(f"{fmt}: {files[fmt]}  max |diff| vs PyTorch {diff:.2e} (of the largest |logit|) on {source} and batch 1")
     if worst > tolerance:
         fail(f"export differs from PyTorch by {worst:.2e} > tolerance {tolerance:g}", 1)
     from lcdistill import export_sizes  # dynamic height/width (segmentation): parity at a second size and batch too
