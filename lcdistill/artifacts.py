@@ -155,6 +155,20 @@ def exports_beside(target: Artifact, folder: str | Path | None) -> list[Artifact
     return [Artifact(p, kind_of(p)) for p in exported_files(where)] if where is not None else []
 
 
+def teacher_of(student: Artifact) -> InMemory | None:
+    """The run's teacher rebuilt, fed at the student's input size with its own mean/std (as in training);
+    None when the run names no teacher. A teacher that cannot be rebuilt (hub weights offline) is a UserError."""
+    from lcdistill import models
+
+    meta = student.meta
+    entry = meta.get("teacher")
+    if not entry:
+        return None
+    t = models.rebuild(entry["spec"], meta["num_classes"])
+    t_meta = {**meta, **t.data_config, "input_size": meta["input_size"]}
+    return InMemory(t.model.eval(), t_meta, student.task, origin=t.origin)
+
+
 @dataclass
 class InMemory:
     """A PyTorch model held in memory (a run's rebuilt teacher), measured like an artifact."""
@@ -165,6 +179,7 @@ class InMemory:
     kind: str = "model"
     runtime: str = "pytorch"
     file: Path | None = None
+    origin: str | None = None  # where it came from, e.g. the teacher's hub name or run folder
 
     @property
     def predict(self) -> Callable[[torch.Tensor], torch.Tensor]:

@@ -104,7 +104,7 @@ def plot_lipschitz(plt, lip: dict, path: Path) -> Path:
     x = np.arange(len(stages))
     bars = [("student", [s["model"] for s in stages])]
     if any(s.get("connected") is not None for s in stages):  # a london run: what the Lipschitz term matched
-        bars.append(("student via connectors", [s["connected"] for s in stages]))
+        bars.append(("student via connectors", [s.get("connected", np.nan) for s in stages]))  # nan: a left-out matrix
     if any(s.get("teacher") is not None for s in stages):
         bars.append(("teacher", [s["teacher"] or 0 for s in stages]))
     width = 0.8 / len(bars)
@@ -116,6 +116,40 @@ def plot_lipschitz(plt, lip: dict, path: Path) -> Path:
     ax.grid(alpha=0.3, axis="y")
     ax.legend()
     return save_png(fig, path)
+
+
+def robustness_rows(evaluation: dict | None) -> dict[str, dict]:
+    """role -> the "robustness" entry of `lcdistill eval --robustness --save` (teacher first)."""
+    order = sorted(evaluation or {}, key=lambda role: role != "teacher")
+    return {role: evaluation[role]["robustness"] for role in order if isinstance(evaluation[role], dict) and "robustness" in evaluation[role]}
+
+
+def plot_robustness(plt, rows: dict[str, dict], header: str, path: Path) -> Path:
+    """The metric against noise sigma and FGSM epsilon (0: clean), one line per model."""
+    fig, (noise_ax, fgsm_ax) = plt.subplots(1, 2, figsize=(9, 3.6), sharey=True)
+    for color, (role, r) in enumerate(rows.items()):
+        for ax, kind, scale in ((noise_ax, "noise", 1.0), (fgsm_ax, "fgsm", 255.0)):
+            if r.get(kind):
+                levels = sorted((float(k), v) for k, v in r[kind].items())
+                ax.plot([0.0] + [k * scale for k, _ in levels], [r["clean"]] + [v for _, v in levels], marker="o", label=role, color=f"C{color}")
+    noise_ax.set(xlabel="Gaussian noise sigma ([0, 1] pixels)", ylabel=header, title="under noise")
+    fgsm_ax.set(xlabel="FGSM epsilon (x 1/255)", title="under one-step FGSM (PyTorch models)")
+    for ax in (noise_ax, fgsm_ax):
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend()
+    return save_png(fig, path)
+
+
+def robustness_table(rows: dict[str, dict]) -> str:
+    """The metric clean and per level, one row per model ('-': not measured, e.g. FGSM of an exported file)."""
+    from lcdistill.robustness import columns
+
+    levels = columns(rows.values())
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in ["", "clean", *(label for _, _, label in levels)])
+    body = "".join(f"<tr><td>{html.escape(role)}</td><td>{r['clean']:.2f}</td>"
+                   + "".join(f"<td>{cell(r.get(kind, {}).get(k), '{:.2f}')}</td>" for kind, k, _ in levels) + "</tr>" for role, r in rows.items())
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
 def table_rows(meta: dict, evaluation: dict | None, run: Path, keys: list[str]) -> list[dict]:
@@ -189,6 +223,8 @@ def write(run: Path, evaluation: dict | None = None, lipschitz: dict | None = No
         name = header.removesuffix(" %")
         curves.append((plot_metric(plt, rows, metric.best, header, teacher_value, folder.plots / f"{metric.best}.png"),
                        f"student val {name} per epoch" + (f" (dashed: the teacher's {name})" if teacher_value is not None else "")))
+    robust = robustness_rows(evaluation)
+    robust_plots = [(plot_robustness(plt, robust, header, folder.plots / "robustness.png"), f"val {header.removesuffix(' %')} under input noise and FGSM")] if robust else []
     if lipschitz and lipschitz.get("stages"):
         lip_plots.append((plot_lipschitz(plt, lipschitz, folder.plots / "lipschitz.png"), "per-stage transmitting-matrix spectral norms on val images"))
     plt.close("all")
@@ -212,6 +248,11 @@ def write(run: Path, evaluation: dict | None = None, lipschitz: dict | None = No
     out.write(f"<h2>Teacher, student and exports</h2><p class=note>{source}</p>{html_table(table_rows(meta, evaluation, run, [k for _, k in metric.columns]), metric.columns)}")
     out.write("<h2>Training</h2>" + ("".join(embedded(p, alt) for p, alt in curves) if curves else "<p class=note>No summary.csv.</p>"))
     out.write(f"<h2>Lipschitz constants</h2>{lip_html}")
+    if robust:
+        from lcdistill.robustness import NOTE
+
+        out.write("<h2>Robustness</h2>" + "".join(embedded(p, alt) for p, alt in robust_plots) + robustness_table(robust)
+                  + f"<p class=note>{html.escape(NOTE)}</p>")
     out.write("</body></html>\n")
     atomic_write_text(folder.report, out.getvalue())
-    return {"html": folder.report, "plots": [p for p, _ in curves + lip_plots]}
+    return {"html": folder.report, "plots": [p for p, _ in curves + lip_plots + robust_plots]}

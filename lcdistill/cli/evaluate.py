@@ -10,6 +10,7 @@ import typer
 from rich.table import Table
 
 from lcdistill.cli.common import DataOpt, EvalBatchOpt, EvalDeviceOpt, JsonObjectOpt, console_for, need_data, user_errors
+from lcdistill.defaults import FGSM_EPSILONS, NOISE_SIGMAS
 from lcdistill.errors import UserError
 
 
@@ -24,13 +25,17 @@ def eval_(
     exports: Optional[str] = typer.Option(None, "--exports", help="Folder of `lcdistill export` files to measure beside the student (default: the run folder)."),
     json_out: bool = JsonObjectOpt,
     save: Optional[str] = typer.Option(None, "--save", help="Also write that JSON object to this file."),
+    robust: bool = typer.Option(False, "--robustness", help="Also measure the metric under seeded Gaussian noise and one-step FGSM (\"robustness\" per model in --json)."),
+    noise: Optional[str] = typer.Option(None, "--noise", help=f"Noise sigmas in [0, 1] pixel units, comma-separated; implies --robustness (default {','.join(f'{v:g}' for v in NOISE_SIGMAS)}; '' for none)."),
+    fgsm: Optional[str] = typer.Option(None, "--fgsm", help="FGSM epsilons in [0, 1] pixel units (2/255 works), comma-separated; implies --robustness (default 1/255,2/255,4/255; '' for none)."),
 ):
     """The task's metric (top-1/top-5, mIoU), params, FLOPs and latency; teacher beside student when the run knows its teacher, exported files beside both."""
-    from lcdistill import artifacts, evaluate, models
+    from lcdistill import artifacts, evaluate, robustness
     from lcdistill.data import eval_loader
     from lcdistill.train import eval_runtime
 
     need_data(data)
+    levels = robustness_levels(robust, noise, fgsm)  # bad numbers fail before any work
     target = targets[0]
     runtime = eval_runtime(device)
     student = artifacts.identify(target)
@@ -45,24 +50,26 @@ def eval_(
         if splits.classes != t.meta["classes"]:
             raise UserError(f"the data's classes {splits.classes[:5]}... differ from {t.file}'s {t.meta['classes'][:5]}...", "evaluate on the data the model was trained for")
     loader = eval_loader(task.eval_dataset(splits.val, meta), batch_size, workers)
-    results = {"student": evaluate.measure(student, loader, runtime.device, batch_size, meta["mean"], meta["std"])}
-    teacher_entry = meta.get("teacher")
-    if teacher and teacher_entry:
+
+    def measured(model, model_loader, name) -> dict:  # each model fed with its own mean/std
+        result = {**evaluate.measure(model, model_loader, runtime.device, batch_size, model.meta["mean"], model.meta["std"]), "model": name}
+        if levels is not None:
+            result["robustness"] = robustness.measure(model, model_loader, runtime.device, *levels)
+        return result
+
+    results = {"student": measured(student, loader, target)}
+    if teacher:
         try:
-            t = models.rebuild(teacher_entry["spec"], meta["num_classes"])
+            t = artifacts.teacher_of(student)
         except UserError as e:
             console_for(True).print(f"[yellow]teacher skipped: {e.line()}[/]")
         else:
-            t_meta = {**meta, **t.data_config, "input_size": meta["input_size"]}
-            t_target = artifacts.InMemory(t.model.eval(), t_meta, task)
-            results["teacher"] = evaluate.measure(t_target, loader, runtime.device, batch_size, t.data_config["mean"], t.data_config["std"])
-            results["teacher"]["model"] = t.origin
-    results["student"]["model"] = target
+            if t is not None:
+                results["teacher"] = measured(t, loader, t.origin)
     for extra in extras:  # each file fed by its own metadata, as a deployment would
-        m = extra.meta
-        own_loader = eval_loader(task.eval_dataset(splits.val, m), batch_size, workers)
+        own_loader = eval_loader(task.eval_dataset(splits.val, extra.meta), batch_size, workers)
         key = extra.role if extra.role not in results else f"{extra.role} {extra.path.name}"
-        results[key] = {**evaluate.measure(extra, own_loader, runtime.device, batch_size, m["mean"], m["std"]), "model": str(extra.file)}
+        results[key] = measured(extra, own_loader, str(extra.file))
     if save:
         from lcdistill.checkpoint import atomic_write_json
 
@@ -83,3 +90,32 @@ def eval_(
                       f"{r['latency_ms_b1']:.2f}", f"{r['latency_ms_batch']:.2f}", f"{r['throughput_img_s']:,.0f}")
     console_for().print(table)
     console_for().print("latency: median of 10 timed calls after 3 warm-up calls, random input; 'xN': CPU threads")
+    if levels is not None:
+        console_for().print(robustness_table(results, metric))
+        console_for().print(robustness.NOTE)
+
+
+def robustness_levels(robust: bool, noise: str | None, fgsm: str | None):
+    """(sigmas, epsilons) to measure, or None without --robustness (--noise or --fgsm imply it)."""
+    from lcdistill.robustness import parse_levels
+
+    if not robust and noise is None and fgsm is None:
+        return None
+    sigmas = parse_levels(noise, "--noise") if noise is not None else NOISE_SIGMAS
+    epsilons = parse_levels(fgsm, "--fgsm") if fgsm is not None else FGSM_EPSILONS
+    return sigmas, epsilons
+
+
+def robustness_table(results: dict, metric) -> Table:
+    """One row per model: the metric clean, under each noise sigma and each FGSM epsilon ('-': not measured)."""
+    from lcdistill.robustness import columns
+
+    header = dict((k, h) for h, k in metric.columns)[metric.best]
+    rows = {role: r["robustness"] for role, r in results.items()}
+    levels = columns(rows.values())
+    table = Table(title=f"{header} under input perturbation ([0, 1] pixel units)")
+    for col in ("", "clean", *(label for _, _, label in levels)):
+        table.add_column(col, justify="left" if col == "" else "right")
+    for role, r in rows.items():
+        table.add_row(role, f"{r['clean']:.2f}", *(f"{r[kind][k]:.2f}" if k in r.get(kind, {}) else "-" for kind, k, _ in levels))
+    return table
