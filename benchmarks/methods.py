@@ -1,11 +1,17 @@
-"""ce vs kd vs london on digits with few labelled training images, several seeds.
+"""Which distillation terms help, and what the Lipschitz term adds: ce, kd, dkd, dist, ofd, each with and
+without `+london`, on few digits, several seeds, paired.
 
-Writes a markdown table (mean +- std top-1, mean |per-stage Lipschitz gap|) to
-benchmarks/results/methods.md and prints it. The student sees only --fraction of the
-training images (per class), so distillation has room to show; the teacher is
-trained on all of them.
+The teacher (timm resnet18) trains on all digits train images; every student (mobilenetv2_050) sees only
+--fractions of them (per class, one fixed subset per fraction), so distillation has room to show. Every
+method runs on the same seeds; a `X+london` row is compared with its `X` row seed by seed (paired
+difference, mean +- std over seeds), for clean val top-1 and for top-1 under Gaussian noise and one-step
+FGSM (lcdistill.robustness, the numbers `lcdistill eval --robustness` prints). Writes markdown tables to
+benchmarks/results/methods.md (and the raw numbers beside it, methods.json) and prints them.
 
-    python benchmarks/methods.py --fraction 0.2 --seeds 0 1 2 --epochs 40 --lr 0.02
+    python benchmarks/methods.py --fractions 0.1 0.2 --seeds 0 1 2 3 4 --jobs 2
+
+A spec is METHOD[@key=value@...]: `kd+london@london.student_side=raw` is kd+london on the student's
+own maps; it is paired with `kd`, the spec's method without `+london`.
 """
 
 from __future__ import annotations
@@ -13,21 +19,28 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import multiprocessing
 import shutil
 import statistics
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
 from rich.console import Console
 
-from lcdistill import models, recipe as recipes, run as runs, tasks
+from lcdistill import models, recipe as recipes, robustness, run as runs, tasks
 from lcdistill.data import scan, write_digits
 from lcdistill.lipschitz import report as lipschitz_report
 from publish import publish  # benchmarks/publish.py: scripts run from this folder
 
-DIGITS = {"data": {"input_size": 32, "hflip": 0.0, "scale": [0.6, 1.0], "crop_pct": 1.0, "workers": 0}}
+METHODS = ["ce", "ce+london", "kd", "kd+london", "dkd", "dkd+london", "dist", "dist+london", "ofd", "ofd+london"]
+
+
+def digits_data(size: int) -> dict:
+    # digits are centred strokes: no flips, mild crops, no eval centre-crop
+    return {"data": {"input_size": size, "hflip": 0.0, "scale": [0.6, 1.0], "crop_pct": 1.0, "workers": 0}, "train": {"device": "cpu"}}
 
 
 def subset(src: Path, dst: Path, fraction: float, seed: int = 0) -> None:
@@ -42,100 +55,173 @@ def subset(src: Path, dst: Path, fraction: float, seed: int = 0) -> None:
     shutil.copytree(src / "val", dst / "val")
 
 
-def run(layers: list[dict], data: Path, teacher: str | None, out: Path) -> dict:
-    recipe = recipes.build(layers)
-    prepared = runs.prepare(recipe, str(data), teacher, None, str(out))
+def train(layers: list[dict], data: Path, teacher: str | None, out: Path) -> dict:
+    prepared = runs.prepare(recipes.build(layers), str(data), teacher, None, str(out))
     return runs.run(prepared, Console(file=io.StringIO()))
 
 
+def base_of(spec: str) -> str | None:
+    """The spec a `+london` spec is paired with: its method without the Lipschitz term."""
+    method = spec.split("@")[0]
+    if method == "london":
+        return "kd"
+    parts = method.split("+")
+    return "+".join(p for p in parts if p != "london") if "london" in parts else None
+
+
 def lip_gaps(run_dir: Path, data: Path, teacher_dir: Path) -> dict:
-    """Per-stage |student - teacher| TM spectral norm on val: on the student's own maps ("raw")
-    and, for london runs, through the run's connectors ("connected", what the term matches)."""
-    student = models.load_run(run_dir)
-    teacher = models.load_run(teacher_dir)
+    """Mean |student - teacher| TM spectral norm over stage pairs on val: the student's own maps ("raw")
+    and, for runs with Lipschitz connectors, through them ("connected", what the term matches)."""
+    student, teacher = models.load_run(run_dir), models.load_run(teacher_dir)
     task = tasks.get("classification")
     val = task.scan(data, check=False).val
-    own = student.meta.get("teacher") is not None
-    rep = lipschitz_report.measure(student, teacher, val, task, torch.device("cpu"), batches=6, run_dir=run_dir if own else None, bound=False)
-    gaps = {"raw": [abs(row["gap"]) for row in rep["stages"]]}
-    if "connected" in rep["stages"][0]:
-        gaps["connected"] = [abs(row["connected_gap"]) for row in rep["stages"]]
+    rep = lipschitz_report.measure(student, teacher, val, task, torch.device("cpu"), batches=4, run_dir=run_dir, bound=False)
+    gaps = {"raw": statistics.mean(abs(row["gap"]) for row in rep["stages"])}
+    if "connected_gap" in rep["stages"][0]:
+        gaps["connected"] = statistics.mean(abs(row["connected_gap"]) for row in rep["stages"])
     return gaps
 
 
-def variant(spec: str) -> tuple[str, list[dict]]:
-    """METHOD[@key=value@...], e.g. london@london.alpha=0: the method and its recipe overrides."""
-    method, *sets = spec.split("@")
-    return method, [recipes.parse_override(s) for s in sets]
+def one_run(job: dict) -> dict:
+    """A student run and its measurements, in a worker process with its own thread count."""
+    torch.set_num_threads(job["threads"])
+    method, *sets = job["spec"].split("@")
+    layers = [recipes.resolve_student(job["student"], None), digits_data(job["size"]),
+              {"method": method, "train": {"seed": job["seed"]},
+               "schedule": {"epochs": job["epochs"], "batch_size": 32, "lr": job["lr"], "warmup_epochs": 2}}]
+    layers += [recipes.parse_override(s) for s in [*job["sets"], *sets]]
+    out, data, teacher = Path(job["out"]), Path(job["data"]), Path(job["teacher"])
+    start = time.time()
+    summary = train(layers, data, None if method == "ce" else str(teacher), out)
+    result = {"spec": job["spec"], "fraction": job["fraction"], "seed": job["seed"], "top1": summary["student"]["top1"],
+              "seconds": time.time() - start, "robustness": robustness.measure_run(out, data)["student"], "gap": lip_gaps(out, data, teacher)}
+    shutil.rmtree(out, ignore_errors=True)
+    return result
+
+
+def epochs_at(args, fraction: float) -> int:
+    epochs = list(args.epochs)
+    return epochs[0] if len(epochs) == 1 else epochs[list(args.fractions).index(fraction)]
+
+
+def mean_std(values: list[float]) -> str:
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.2f} +- {std:.2f}"
+
+
+def paired(rows: list[dict], base_rows: list[dict], key) -> str:
+    by_seed = {r["seed"]: key(r) for r in base_rows}
+    diffs = [key(r) - by_seed[r["seed"]] for r in rows if r["seed"] in by_seed]
+    return f"{mean_std(diffs)}" if diffs else "-"
+
+
+def tables(fraction: float, n_train: int, results: list[dict], args, teacher_row: dict) -> str:
+    specs = [s for s in args.methods if any(r["spec"] == s for r in results)]
+    rows = {s: sorted((r for r in results if r["spec"] == s), key=lambda r: r["seed"]) for s in specs}
+    levels = robustness.columns([teacher_row["robustness"]])  # (kind, key, header)
+    lines = [f"### {fraction:.0%} of digits train ({n_train} images), {epochs_at(args, fraction)} epochs, {args.student} at {args.size} px, seeds {sorted({r['seed'] for r in results})}", "",
+             "Clean val top-1 (359 images). Paired: this row minus its row without `+london`, seed by seed. Gaps: mean over "
+             "stage pairs of |student - teacher| transmitting-matrix sigma on val, the student's own maps (raw) and, for runs "
+             "with Lipschitz connectors, through them (connected).", "",
+             "| method | top-1 % | paired vs base | per seed | raw gap | connected gap |", "|---|---|---|---|---|---|"]
+    for s in specs:
+        base = base_of(s)
+        diff = paired(rows[s], rows[base], lambda r: r["top1"]) if base in rows else ""
+        tops = [r["top1"] for r in rows[s]]
+        connected = [r["gap"]["connected"] for r in rows[s] if "connected" in r["gap"]]
+        raw_gap = statistics.mean(r["gap"]["raw"] for r in rows[s])
+        lines.append(f"| {s} | {mean_std(tops)} | {diff} | {', '.join(f'{v:.1f}' for v in tops)} | {raw_gap:.1f} | "
+                     + (f"{statistics.mean(connected):.1f} |" if connected else "- |"))
+    lines += ["", "Top-1 % under additive Gaussian noise (sigma in [0, 1] pixel units) and one-step FGSM (epsilon, same units); "
+              "in brackets the paired difference to the row without `+london`.", "",
+              "| method | " + " | ".join(header for _, _, header in levels) + " |", "|---|" + "---|" * len(levels),
+              "| teacher | " + " | ".join(f"{teacher_row['robustness'][kind][k]:.2f}" for kind, k, _ in levels) + " |"]
+    for s in specs:
+        base = base_of(s)
+        cells = []
+        for kind, k, _ in levels:
+            key = lambda r, kind=kind, k=k: r["robustness"][kind][k]  # noqa: E731
+            cell = f"{statistics.mean(key(r) for r in rows[s]):.2f}"
+            if base in rows:
+                cell += f" ({paired(rows[s], rows[base], key)})"
+            cells.append(cell)
+        lines.append(f"| {s} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def compare(args, work: Path) -> None:
-    full, few = work / "digits", work / "few"
+    full = work / "digits"
     write_digits(full)
-    subset(full, few, args.fraction)
     start = time.time()
-    teacher_layers = [{"student": {"source": "timm", "name": "resnet18"}, "method": "ce",
-                       "schedule": {"epochs": args.teacher_epochs, "batch_size": 64, "lr": 0.1, "warmup_epochs": 1}}, DIGITS]
-    t = run(teacher_layers, full, None, work / "teacher")
-    print(f"teacher resnet18 on all {len(scan(full, check=False)[0].samples)} train images: top-1 {t['student']['top1']:.2f}", flush=True)
+    teacher = Path(args.teacher) if args.teacher else work / "teacher"
+    if not args.teacher:
+        train([{"student": {"source": "timm", "name": "resnet18"}, "method": "ce",
+                "schedule": {"epochs": args.teacher_epochs, "batch_size": 64, "lr": 0.1, "warmup_epochs": 1}}, digits_data(args.size)],
+              full, None, teacher)
+    measured = robustness.measure_run(teacher, full)["student"]
+    teacher_row = {"top1": measured["clean"], "robustness": measured}
+    print(f"teacher resnet18 on all {len(scan(full, check=False)[0].samples)} train images: {json.dumps(teacher_row)}", flush=True)
 
-    results: dict[str, list[dict]] = {m: [] for m in args.methods}
-    for seed in args.seeds:
-        for spec in args.methods:
-            method, sets = variant(spec)
-            layers = [recipes.resolve_student(args.student, None), DIGITS,
-                      {"method": method, "train": {"seed": seed}, "schedule": {"epochs": args.epochs, "batch_size": 32, "lr": args.lr, "warmup_epochs": 2}}]
-            layers += [recipes.parse_override(s) for s in args.sets] + sets
-            out = work / f"{spec}-{seed}"
-            s = run(layers, few, str(work / "teacher") if method != "ce" else None, out)
-            entry = {"top1": s["student"]["top1"], "gap": lip_gaps(out, few, work / "teacher")}
-            results[spec].append(entry)
-            print(spec, seed, json.dumps(entry), flush=True)
+    sizes = {}
+    for fraction in args.fractions:
+        subset(full, work / f"few-{fraction}", fraction)
+        sizes[fraction] = len(scan(work / f"few-{fraction}", check=False)[0].samples)
+    # seed by seed, so a benchmark stopped early still has every method on the seeds it finished
+    jobs = [{"spec": spec, "seed": seed, "fraction": fraction, "data": str(work / f"few-{fraction}"), "teacher": str(teacher),
+             "student": args.student, "size": args.size, "epochs": epochs_at(args, fraction), "lr": args.lr, "sets": args.sets,
+             "threads": args.threads, "out": str(work / f"{spec}-{fraction}-{seed}")}
+            for seed in args.seeds for fraction in args.fractions for spec in args.methods]
+    results = []
+    raw = Path(args.out).with_suffix(".json")
+    raw.parent.mkdir(parents=True, exist_ok=True)
+    with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        for r in pool.map(one_run, jobs):
+            results.append(r)
+            print(json.dumps(r), flush=True)
+            # after every run, so a stopped benchmark keeps what it measured (--render reads it)
+            raw.write_text(json.dumps({"args": vars(args), "teacher": teacher_row, "sizes": sizes, "seconds": time.time() - start,
+                                       "runs": results}, indent=1))
+    render(raw, args.out)
 
-    n_train = len(scan(few, check=False)[0].samples)
-    lines = [
-        f"## {args.student} student, {n_train} training images ({args.fraction:.0%} of digits train), {args.epochs} epochs, seeds {args.seeds}",
-        "",
-        f"Teacher: timm resnet18 trained on all digits train images, val top-1 {t['student']['top1']:.2f}. "
-        f"Every student: {args.epochs} epochs, batch 32, SGD lr {args.lr} with 2 warm-up epochs and cosine decay, the recipe's other defaults "
-        "(kd and london: KD weight 1, T 4; london: alpha 1, warm-up 3 epochs, log-space distance). "
-        "Val: all 359 digits val images. Gaps: |student - teacher| transmitting-matrix spectral norm per stage pair, "
-        "mean over 6 random val batches of 64, averaged over seeds; raw: the student's own stage maps (a ce student is measured "
-        "against the same teacher); connected: through the run's 1x1 conv + BN connectors, the quantity the Lipschitz term matches.",
-        "",
-        "| method | top-1 % (mean +- std) | per-seed top-1 | raw gap per stage pair | connected gap per stage pair |",
-        "|---|---|---|---|---|",
-    ]
-    for spec, rows in results.items():
-        tops = [r["top1"] for r in rows]
-        std = statistics.stdev(tops) if len(tops) > 1 else 0.0
-        gaps = []
-        for kind in ("raw", "connected"):
-            if rows and kind in rows[0]["gap"]:
-                per_stage = [statistics.mean(r["gap"][kind][i] for r in rows) for i in range(len(rows[0]["gap"][kind]))]
-                gaps.append(" / ".join(f"{g:.1f}" for g in per_stage) + f" (mean {statistics.mean(per_stage):.1f})")
-            else:
-                gaps.append("-")
-        lines.append(f"| {spec} | {statistics.mean(tops):.2f} +- {std:.2f} | {', '.join(f'{v:.1f}' for v in tops)} | {' | '.join(gaps)} |")
-    lines += ["", f"Extra overrides: {args.sets or 'none'}. Took {time.time() - start:.0f} s on {torch.get_num_threads()} CPU threads.", ""]
-    publish("\n".join(lines), args.out)
+
+def render(raw: Path, out: str | None) -> None:
+    """The markdown tables of a raw results file."""
+    saved = json.loads(Path(raw).read_text())
+    args, teacher_row, results = argparse.Namespace(**saved["args"]), saved["teacher"], saved["runs"]
+    sizes = {float(k): v for k, v in saved["sizes"].items()}
+    done = sorted({r["seed"] for r in results})
+    head = [f"## {args.student} from a resnet18 teacher, digits at {args.size} px, seeds {done}", "",
+            f"Teacher: timm resnet18, {args.teacher_epochs} epochs on all digits train images, val top-1 {teacher_row['top1']:.2f}. Every student: "
+            f"batch 32, SGD lr {args.lr} with 2 warm-up epochs and cosine decay, each term's recipe defaults. "
+            f"Extra overrides: {args.sets or 'none'}. Took {saved['seconds']:.0f} s, {args.jobs} jobs x {args.threads} CPU threads; "
+            f"raw numbers in {raw.name}.", ""]
+    body = [tables(f, sizes[f], [r for r in results if r["fraction"] == f], args, teacher_row) for f in args.fractions
+            if any(r["fraction"] == f for r in results)]
+    publish("\n".join(head) + "\n" + "\n\n".join(body) + "\n", out)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--fraction", type=float, default=0.2)
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--epochs", type=int, default=40)
+    ap.add_argument("--fractions", type=float, nargs="+", default=[0.1, 0.2])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    ap.add_argument("--epochs", type=int, nargs="+", default=[20, 10],
+                    help="student epochs, one for every fraction (or one for all): 20 at 10%% and 10 at 20%% make the same ~100 steps")
+    ap.add_argument("--size", type=int, default=32)
     ap.add_argument("--teacher-epochs", type=int, default=10)
+    ap.add_argument("--teacher", help="a finished teacher run folder to reuse (trained at --size on all digits)")
     ap.add_argument("--lr", type=float, default=0.02, help="peak lr of every student run")
     ap.add_argument("--student", default="mobilenetv2_050")
-    ap.add_argument("--methods", nargs="+", default=["ce", "kd", "london@london.alpha=0", "london"],
-                    help="METHOD[@key=value...]; london@london.alpha=0 is kd plus connectors that nothing trains: the same "
-                         "student as kd, with a connected gap to compare london's with")
+    ap.add_argument("--methods", nargs="+", default=METHODS, help="METHOD[@key=value...] specs")
     ap.add_argument("--set", dest="sets", action="append", default=[], help="extra recipe override for every student run")
+    ap.add_argument("--jobs", type=int, default=1, help="student runs at once (processes)")
+    ap.add_argument("--threads", type=int, default=None, help="CPU threads per run (default: all cores / jobs)")
     ap.add_argument("--out", default="benchmarks/results/methods.md")
+    ap.add_argument("--render", metavar="JSON", help="only print (and append to --out) the tables of a raw results file")
     args = ap.parse_args()
-
+    if args.render:
+        render(Path(args.render), args.out)
+        return
+    args.threads = args.threads or max(1, torch.get_num_threads() // args.jobs)
     work = Path(tempfile.mkdtemp(prefix="lcd-bench-"))
     try:
         compare(args, work)

@@ -36,19 +36,30 @@ def test_throughput_benchmark_prints_the_ratio_table(tmp_path):
 
 
 @pytest.mark.slow
-def test_methods_benchmark_writes_its_table(tmp_path):
+def test_methods_benchmark_writes_its_tables(tmp_path):
+    import json
+
     report = tmp_path / "methods.md"
     script = SCRIPT.parent / "methods.py"
     proc = subprocess.run(
-        [sys.executable, script, "--fraction", "0.05", "--seeds", "0", "--epochs", "1", "--teacher-epochs", "1",
-         "--methods", "kd", "london@london.alpha=0", "--out", report],
-        capture_output=True, text=True, timeout=240, env=subprocess_env(), cwd=tmp_path,
+        [sys.executable, script, "--fractions", "0.05", "--seeds", "0", "1", "--epochs", "1", "--teacher-epochs", "1",
+         "--methods", "kd", "kd+london", "--out", report],
+        capture_output=True, text=True, timeout=400, env=subprocess_env(), cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    table = report.read_text()
-    rows = {line.split("|")[1].strip(): line.split("|") for line in table.splitlines() if line.startswith("| ") and "---" not in line}
-    assert set(rows) == {"method", "kd", "london@london.alpha=0"}, table
-    # raw gaps for both; the connected gap only where connectors exist
-    assert "mean" in rows["kd"][4] and rows["kd"][5].strip() == "-", table
-    assert "mean" in rows["london@london.alpha=0"][5], table
-    assert "70 training images (5% of digits train)" in table, table
+    text = report.read_text()
+    clean, robust = (part for part in text.split("\n\n") if part.startswith("| method"))
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in clean.splitlines()[2:]}
+    assert set(rows) == {"kd", "kd+london"}, text
+    # kd+london is paired with kd seed by seed; only it has a connected gap (its connectors)
+    assert rows["kd"][1] == "" and "+-" in rows["kd+london"][1], text
+    assert rows["kd"][4] == "-" and float(rows["kd+london"][4]) > 0, text
+    assert robust.splitlines()[0].startswith("| method | noise 0.05 |") and "FGSM 4/255" in robust, text
+    assert [line.split("|")[1].strip() for line in robust.splitlines()[2:]] == ["teacher", "kd", "kd+london"], text
+    assert "(5% of digits train (70 images)" in text or "5% of digits train (70 images)" in text, text
+    raw = json.loads(report.with_suffix(".json").read_text())
+    assert len(raw["runs"]) == 4 and {r["seed"] for r in raw["runs"]} == {0, 1}
+    # the tables re-render from the raw numbers alone
+    again = subprocess.run([sys.executable, script, "--render", report.with_suffix(".json"), "--out", ""],
+                           capture_output=True, text=True, timeout=120, env=subprocess_env(), cwd=tmp_path)
+    assert again.returncode == 0 and clean in again.stdout, again.stderr[-2000:]
