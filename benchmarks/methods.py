@@ -78,7 +78,7 @@ def lip_gaps(run_dir: Path, data: Path, teacher_dir: Path) -> dict:
     rep = lipschitz_report.measure(student, teacher, val, task, torch.device("cpu"), batches=4, run_dir=run_dir, bound=False)
     gaps = {"raw": statistics.mean(abs(row["gap"]) for row in rep["stages"])}
     if "connected_gap" in rep["stages"][0]:
-        gaps["connected"] = statistics.mean(abs(row["connected_gap"]) for row in rep["stages"])
+        gaps["connected"] = statistics.mean(abs(row["connected_gap"]) for row in rep["stages"] if row["connected_gap"] is not None)
     return gaps
 
 

@@ -104,7 +104,7 @@ def plot_lipschitz(plt, lip: dict, path: Path) -> Path:
     x = np.arange(len(stages))
     bars = [("student", [s["model"] for s in stages])]
     if any(s.get("connected") is not None for s in stages):  # a london run: what the Lipschitz term matched
-        bars.append(("student via connectors", [s.get("connected", np.nan) for s in stages]))  # nan: a left-out matrix
+        bars.append(("student via connectors", [np.nan if s.get("connected") is None else s["connected"] for s in stages]))  # nan: a left-out matrix
     if any(s.get("teacher") is not None for s in stages):
         bars.append(("teacher", [s["teacher"] or 0 for s in stages]))
     width = 0.8 / len(bars)

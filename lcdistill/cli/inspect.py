@@ -65,7 +65,7 @@ def lipschitz(
         table.add_column(col, justify="left" if col == "stages" else "right")
     for row in result["stages"]:
         f = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
-        cells = [f(row["model"]), f(row["teacher"]), f(row["gap"])] + ([f(row.get("connected")), f(row.get("connected_gap"))] if connected else [])
+        cells = [f(row["model"]), f(row["teacher"]), f(row["gap"])] + ([f(row["connected"]), f(row["connected_gap"])] if connected else [])
         table.add_row(f"{row['name']}  ({' -> '.join(row['model_stages'])})", *cells)
     console = console_for()
     console.print(table)

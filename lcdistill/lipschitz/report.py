@@ -109,8 +109,8 @@ def report(model, model_cfg: dict, teacher, teacher_cfg: dict | None, loader, de
         }
         if teacher is not None:
             row["teacher_stages"] = [theirs[i].name, theirs[i + 1].name]
-        if joined is not None and i < len(joined):  # london trains no connector for a stage only a left-out matrix reads
-            row["connected"], row["connected_gap"] = joined[i], joined[i] - ref[i]
+        if joined is not None:  # None: a matrix london leaves out (min_positions) has no trained connector
+            row["connected"], row["connected_gap"] = (joined[i], joined[i] - ref[i]) if i < len(joined) else (None, None)
         rows.append(row)
     model.cpu()
     result = {"stages": rows, "upper_bound": finite(network_upper_bound(model, tuple(input_size))["upper_bound"]) if bound else None}
