@@ -151,6 +151,9 @@ def test_encoder_stages_pair_by_depth_never_head_with_head():
     assert [x.name for x in s][-3:] == ["encoder.layer2", "encoder.layer3", "encoder.layer4"]
     pairs = pair_stages(s, t)
     assert [(a.name.split(".")[-1], b.name.split(".")[-1]) for a, b in pairs] == [(f"layer{k}", f"layer{k}") for k in range(1, 5)]
+    # the maps keep their real size: a dilated layer4 is 8x8 at 64 px, so no transmitting matrix is left out
+    assert [x.real_stride for x in t][-3:] == [8, 8, 8] and [x.real_stride for x in s][-3:] == [8, 16, 16]
+    assert [x.stride for x in t][-3:] == [8, 16, 32]
 
 
 def test_eval_counts_what_ships_not_the_auxiliary_head():

@@ -86,7 +86,7 @@ class London(Term):
         ofd = ctx.peers.get("ofd")
         self.shared = ofd is not None  # on ofd's pairs and maps (ofd+london)
         self.pairs = ofd.pairs if self.shared else match_pairs(ctx.student, ctx.teacher, settings)
-        self.sides = [map_side(ctx.input_size, s.stride, t.stride) for s, t in self.pairs]
+        self.sides = [map_side(ctx.input_size, s.real_stride, t.real_stride) for s, t in self.pairs]  # dilation keeps maps larger
         # TM i joins pairs i and i+1 on the smaller (deeper) map; one position makes it rank 1 and
         # its sigma a mere product of feature norms, so such a matrix is left out.
         self.matrices = [i for i in range(len(self.pairs) - 1)

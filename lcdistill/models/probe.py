@@ -22,11 +22,18 @@ from lcdistill.models.taps import first_tensor, unwrap
 
 @dataclass
 class Stage:
-    """A tappable stage: module path, output channels, and stride (input / output H)."""
+    """A tappable stage: module path, output channels, and stride (input / output H). In a dilated
+    encoder `stride` is the nominal one (what it would be without dilation, so stages pair by depth)
+    and `map_stride` the map's real input / output H."""
 
     name: str
     channels: int
     stride: int
+    map_stride: int | None = None  # None: the same as stride
+
+    @property
+    def real_stride(self) -> int:
+        return self.map_stride or self.stride
 
 
 def _is_pow2(n: int) -> bool:

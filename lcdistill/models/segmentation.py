@@ -268,5 +268,6 @@ def encoder_stages(model: nn.Module, probe_size: int = 224):
     stages = []
     for stride in sorted(last):
         name = boundary.get(stride, last[stride])
-        stages.append(Stage(f"{path}.{name}", probe.stages[name].channels, stride))
+        real = probe.stages[name].stride
+        stages.append(Stage(f"{path}.{name}", probe.stages[name].channels, stride, real if real != stride else None))
     return stages
