@@ -95,6 +95,15 @@ def test_a_one_position_matrix_is_left_out_and_the_printed_pairs_say_so():
         make(**{"data.input_size": 32, "london.min_positions": 100})
 
 
+def test_a_checkpoint_with_other_connectors_is_one_user_error():
+    """A run saved when every matrix was kept (4 connectors) does not fit a term that leaves one out (3)."""
+    saved = make(**{"data.input_size": 64}).method_state()
+    now = make(**{"data.input_size": 32})
+    with pytest.raises(UserError, match="london state does not fit"):
+        now.load_method_state(saved)
+    now.load_method_state(now.method_state())  # its own state loads
+
+
 def test_pairs_set_in_recipe_are_used():
     london = make(**{"london.pairs": "[[blocks.2, layer2], [blocks.4, layer3], [blocks.6, layer4]]"}).term("london")
     assert [(s.name, t.name) for s, t in london.pairs] == [("blocks.2", "layer2"), ("blocks.4", "layer3"), ("blocks.6", "layer4")]

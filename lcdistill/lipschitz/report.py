@@ -40,7 +40,10 @@ def trained_connectors(run_dir: Path, student: nn.Module, teacher: nn.Module, ta
     state = Checkpointer(folder, main=False).load()
     if "method" not in state:  # written before the task layer: its connectors are not where this looks
         return None
-    distiller.load_method_state(state["method"])
+    try:
+        distiller.load_method_state(state["method"])
+    except UserError:  # connectors of another lcdistill version: the report goes without them
+        return None
     return london.pairs, london.connectors.eval()
 
 

@@ -156,9 +156,15 @@ class Distiller(nn.Module):
         return {f"{t.name}.{k}": v for t in self.terms for k, v in t.state_dict().items()}
 
     def load_method_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Load the terms' modules; a state of other shape (another version's or recipe's term) is a UserError."""
         for t in self.terms:
             own = {k.removeprefix(f"{t.name}."): v for k, v in state.items() if k.startswith(f"{t.name}.")}
-            t.load_state_dict(own)
+            try:
+                t.load_state_dict(own)
+            except RuntimeError:  # missing, unexpected or resized keys: torch's message is a page long
+                raise UserError(f"the checkpoint's {t.name} state does not fit this {t.name} term (its connectors differ): "
+                                "it was written by another lcdistill version or recipe",
+                                "start the run again, or finish it with the lcdistill version that began it") from None
 
     # ---- one step -----------------------------------------------------------------------
     def student_forward(self, images: torch.Tensor):
