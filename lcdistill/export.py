@@ -206,7 +206,7 @@ def run_onnx(session, batch: torch.Tensor) -> torch.Tensor:
 def scaled_diff(got: torch.Tensor, reference: torch.Tensor) -> float:
     """Max |got - reference| as a fraction of the largest |reference| entry (absolute below 1): float32
     rounding grows with the logits' scale, and a segmentation model's logits reach tens."""
-    if got.shape != reference.shape:
+    if got.shape != reference.shape or not torch.isfinite(got).all():  # nan would compare below any tolerance
         return float("inf")
     return (got - reference).abs().max().item() / max(1.0, reference.abs().max().item())
 

@@ -158,3 +158,6 @@ def test_parity_is_measured_relative_to_the_logits_scale():
     small = torch.tensor([[0.2, -0.3]])
     assert scaled_diff(small + 0.01, small) == pytest.approx(0.01, rel=1e-3)  # below 1: absolute
     assert scaled_diff(reference[:1], reference) == float("inf")  # a wrong shape never passes
+    broken = reference.clone()
+    broken[0, 0] = float("nan")
+    assert scaled_diff(broken, reference) == float("inf")  # nor a nan, which compares below every tolerance
