@@ -119,6 +119,20 @@ def test_sigma_gradient_flows_and_matches_exact_gradient():
     torch.testing.assert_close(a.grad, a2.grad, rtol=1e-3, atol=1e-6)
 
 
+def test_tm_sigma_gradient_through_the_rayleigh_quotient_is_the_exact_one():
+    """The iteration runs without autograd; the gradient of sigma through the final quotient alone must
+    be the gradient of the true spectral norm, on signed maps (connector outputs) too, and reach both maps."""
+    gen = torch.Generator().manual_seed(3)
+    a = torch.randn(3, 16, 8, 8, generator=gen).requires_grad_()
+    b = torch.randn(3, 24, 4, 4, generator=gen).requires_grad_()
+    tm_spectral_norm(a, b, 300).sum().backward()
+    a2, b2 = a.detach().clone().requires_grad_(), b.detach().clone().requires_grad_()
+    exact_spectral_norm(transmitting_matrix(a2, b2)).sum().backward()
+    assert a.grad.abs().sum() > 0 and b.grad.abs().sum() > 0
+    torch.testing.assert_close(a.grad, a2.grad, rtol=1e-3, atol=1e-6)
+    torch.testing.assert_close(b.grad, b2.grad, rtol=1e-3, atol=1e-6)
+
+
 def test_zero_matrix_gives_finite_sigma_and_gradient():
     g = torch.zeros(2, 4, 3, requires_grad=True)
     s = spectral_norm_power(g)

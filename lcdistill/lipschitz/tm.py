@@ -70,7 +70,8 @@ def tm_spectral_norm(f_prev: Tensor, f_next: Tensor, iterations: int = ITERATION
         if b.shape[-2:] != (h, w):
             b = F.adaptive_avg_pool2d(b, (h, w))
         if scale_free:
-            a, b = F.normalize(a, dim=1, eps=eps), F.normalize(b, dim=1, eps=eps)
+            # eps 1e-6, not 1e-12: an all-zero channel vector's gradient is scaled by 1 / eps
+            a, b = F.normalize(a, dim=1, eps=1e-6), F.normalize(b, dim=1, eps=1e-6)
         a = a.flatten(2) / (h * w)  # fold the 1/hw into A
         b = b.flatten(2)
         a_t, b_t = a.transpose(1, 2), b.transpose(1, 2)
