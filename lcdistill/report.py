@@ -212,7 +212,7 @@ def write(run: Path, evaluation: dict | None = None, lipschitz: dict | None = No
     plt = pyplot()
     meta = target.meta
     metric = target.task.metric(len(meta["classes"]))
-    header = dict((k, h) for h, k in metric.columns)[metric.best]
+    header = metric.best_header
     evaluation = evaluation if evaluation is not None else read_json(folder.eval)
     lipschitz = lipschitz if lipschitz is not None else read_json(folder.lipschitz)
     rows = read_summary(run)

@@ -27,7 +27,7 @@ def eval_(
     save: Optional[str] = typer.Option(None, "--save", help="Also write that JSON object to this file."),
     robust: bool = typer.Option(False, "--robustness", help="Also measure the metric under seeded Gaussian noise and one-step FGSM (\"robustness\" per model in --json)."),
     noise: Optional[str] = typer.Option(None, "--noise", help=f"Noise sigmas in [0, 1] pixel units, comma-separated; implies --robustness (default {','.join(f'{v:g}' for v in NOISE_SIGMAS)}; '' for none)."),
-    fgsm: Optional[str] = typer.Option(None, "--fgsm", help="FGSM epsilons in [0, 1] pixel units (2/255 works), comma-separated; implies --robustness (default 1/255,2/255,4/255; '' for none)."),
+    fgsm: Optional[str] = typer.Option(None, "--fgsm", help=f"FGSM epsilons in [0, 1] pixel units (2/255 works), comma-separated; implies --robustness (default {','.join(f'{e * 255:g}/255' for e in FGSM_EPSILONS)}; '' for none)."),
 ):
     """The task's metric (top-1/top-5, mIoU), params, FLOPs and latency; teacher beside student when the run knows its teacher, exported files beside both."""
     from lcdistill import artifacts, evaluate, robustness
@@ -110,7 +110,7 @@ def robustness_table(results: dict, metric) -> Table:
     """One row per model: the metric clean, under each noise sigma and each FGSM epsilon ('-': not measured)."""
     from lcdistill.robustness import columns
 
-    header = dict((k, h) for h, k in metric.columns)[metric.best]
+    header = metric.best_header
     rows = {role: r["robustness"] for role, r in results.items()}
     levels = columns(rows.values())
     table = Table(title=f"{header} under input perturbation ([0, 1] pixel units)")

@@ -36,6 +36,11 @@ class Metric:
         """How many images were measured."""
         raise NotImplementedError
 
+    @property
+    def best_header(self) -> str:
+        """The table header of the value `best` names, e.g. 'mIoU %'."""
+        return dict((key, header) for header, key in self.columns)[self.best]
+
     def describe(self, values: dict[str, float]) -> str:
         """One short phrase for logs, e.g. 'top-1 97.21  top-5 99.72'."""
         return "  ".join(f"{header.removesuffix(' %')} {values[key]:.2f}" for header, key in self.columns)
