@@ -191,7 +191,8 @@ def render(raw: Path, out: str | None) -> None:
     sizes = {float(k): v for k, v in saved["sizes"].items()}
     done = sorted({r["seed"] for r in results})
     head = [f"## {args.student} from a resnet18 teacher, digits at {args.size} px, seeds {done}", "",
-            f"Teacher: timm resnet18, {args.teacher_epochs} epochs on all digits train images, val top-1 {teacher_row['top1']:.2f}. Every student: "
+            f"Teacher: timm resnet18, {f'run {args.teacher}' if args.teacher else f'{args.teacher_epochs} epochs'} on all digits train images, "
+            f"val top-1 {teacher_row['top1']:.2f}. Every student: "
             f"batch 32, SGD lr {args.lr} with 2 warm-up epochs and cosine decay, each term's recipe defaults. "
             f"Extra overrides: {args.sets or 'none'}. Took {saved['seconds']:.0f} s, {args.jobs} jobs x {args.threads} CPU threads; "
             f"raw numbers in {raw.name}.", ""]

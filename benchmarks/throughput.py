@@ -270,7 +270,8 @@ def main(argv: list[str] | None = None) -> None:
                 r = max(results[name], r, key=lambda x: x["img_s"])
             results[name] = r
         except Exception as e:  # noqa: BLE001 - one failing row (say, a compile error) must not hide the others
-            results[name] = {"error": f"{type(e).__name__}: {e}".splitlines()[0]}
+            if "img_s" not in results.get(name, {}):  # an earlier round's measurement stands
+                results[name] = {"error": f"{type(e).__name__}: {e}".splitlines()[0]}
         finally:
             release(rt.device)
             console.print(f"[dim]  {time.perf_counter() - began:.1f} s[/]")
