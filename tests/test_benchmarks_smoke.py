@@ -63,3 +63,22 @@ def test_methods_benchmark_writes_its_tables(tmp_path):
     again = subprocess.run([sys.executable, script, "--render", report.with_suffix(".json"), "--out", ""],
                            capture_output=True, text=True, timeout=120, env=subprocess_env(), cwd=tmp_path)
     assert again.returncode == 0 and clean in again.stdout, again.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_segmentation_methods_benchmark_writes_its_table(tmp_path):
+    report = tmp_path / "seg.md"
+    proc = subprocess.run(
+        [sys.executable, SCRIPT.parent / "seg_methods.py", "--seeds", "0", "1", "--images", "40", "--size", "32", "--epochs", "1",
+         "--teacher-epochs", "1", "--methods", "kd", "london", "--out", report],
+        capture_output=True, text=True, timeout=400, env=subprocess_env(), cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+            for line in report.read_text().splitlines() if line.startswith("| ") and "---" not in line and "method" not in line}
+    assert set(rows) == {"kd", "london"}, rows
+    kd, london = ([float(v) for v in rows[m][2].split(", ")] for m in ("kd", "london"))
+    assert len(kd) == len(london) == 2 and all(0 <= v <= 100 for v in kd + london)
+    # london is paired with kd seed by seed (its table shows one decimal: allow the rounding)
+    assert rows["kd"][1] == "" and rows["london"][1].endswith("vs kd"), rows
+    assert float(rows["london"][1].split()[0]) == pytest.approx(sum(london) / 2 - sum(kd) / 2, abs=0.11)
