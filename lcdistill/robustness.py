@@ -78,7 +78,7 @@ def with_fgsm(loader: Iterable, forward: Callable, loss: Callable, device: torch
 
 
 def measure(target, loader, device: torch.device, sigmas: Sequence[float] = NOISE_SIGMAS, epsilons: Sequence[float] = FGSM_EPSILONS,
-            seed: int = ROBUSTNESS_SEED) -> dict:
+            seed: int = ROBUSTNESS_SEED, clean: float | None = None) -> dict:
     """The task's checkpoint-picking metric (top-1 %, mIoU %) of one model (artifacts.Artifact or
     InMemory, fed with its own mean/std) on the loader's [0, 1] images: clean, under Gaussian noise
     per sigma and, for PyTorch models, under FGSM per epsilon. Plain JSON-able data:
@@ -91,7 +91,8 @@ def measure(target, loader, device: torch.device, sigmas: Sequence[float] = NOIS
     def value(batches) -> float:
         return score(target.predict, batches, device, mean, std, task.metric(len(meta["classes"])))[best]
 
-    result = {"metric": best, "seed": seed, "clean": value(loader), "noise": {key(s): value(with_noise(loader, s, seed)) for s in sigmas}}
+    # clean: the metric on this loader when the caller has it already (eval's main table), saving a pass
+    result = {"metric": best, "seed": seed, "clean": value(loader) if clean is None else clean, "noise": {key(s): value(with_noise(loader, s, seed)) for s in sigmas}}
     if target.runtime == "pytorch" and epsilons:
         target.module.eval()
 

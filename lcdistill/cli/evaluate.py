@@ -54,7 +54,7 @@ def eval_(
     def measured(model, model_loader, name) -> dict:  # each model fed with its own mean/std
         result = {**evaluate.measure(model, model_loader, runtime.device, batch_size, model.meta["mean"], model.meta["std"]), "model": name}
         if levels is not None:
-            result["robustness"] = robustness.measure(model, model_loader, runtime.device, *levels)
+            result["robustness"] = robustness.measure(model, model_loader, runtime.device, *levels, clean=result[task.metric(len(splits.classes)).best])
         return result
 
     results = {"student": measured(student, loader, target)}
