@@ -107,6 +107,10 @@ def test_a_checkpoint_with_other_connectors_is_one_user_error():
 def test_pairs_set_in_recipe_are_used():
     london = make(**{"london.pairs": "[[blocks.2, layer2], [blocks.4, layer3], [blocks.6, layer4]]"}).term("london")
     assert [(s.name, t.name) for s, t in london.pairs] == [("blocks.2", "layer2"), ("blocks.4", "layer3"), ("blocks.6", "layer4")]
+    # out of depth order at 32 px, the middle matrix sits on a 1x1 map and the last does not: one line, not
+    # a connector without gradient
+    with pytest.raises(UserError, match="not in depth order"):
+        make(**{"data.input_size": 32, "london.pairs": "[[blocks.2, layer2], [blocks.6, layer4], [blocks.4, layer3]]"})
 
 
 def test_vit_teacher_is_a_clear_error_for_london_but_works_for_kd():

@@ -94,6 +94,11 @@ class London(Term):
         if not self.matrices:
             raise UserError(f"method london: every transmitting matrix has fewer than london.min_positions={settings['min_positions']} "
                             f"positions at {ctx.input_size} px", "train at a larger --input-size, or lower london.min_positions")
+        gap = next((i for i in range(max(self.matrices)) if i not in self.matrices), None)
+        if gap is not None:  # maps shrink with depth, so only hand-set pairs out of depth order leave out a middle matrix
+            raise UserError(f"method london: the transmitting matrix between pairs {gap + 1} and {gap + 2} is left out (a map of "
+                            f"{self.sides[gap + 1] ** 2} position(s)) but a later one is kept: london.pairs are not in depth order",
+                            "list london.pairs from shallow to deep, or set london.min_positions=1")
         n_matrices = len(self.matrices)
         weights = settings["pair_weights"] or default_pair_weights(n_matrices)
         if len(weights) != n_matrices:
