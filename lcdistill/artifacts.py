@@ -155,6 +155,13 @@ def exports_beside(target: Artifact, folder: str | Path | None) -> list[Artifact
     return [Artifact(p, kind_of(p)) for p in exported_files(where)] if where is not None else []
 
 
+def check_classes(target: Artifact, classes: list[str]) -> None:
+    """A UserError unless the data's classes are the ones target was trained for."""
+    if classes != target.meta["classes"]:
+        raise UserError(f"the data's classes {classes[:5]}... differ from {target.file}'s {target.meta['classes'][:5]}...",
+                        "evaluate on the data the model was trained for")
+
+
 def teacher_of(student: Artifact) -> InMemory | None:
     """The run's teacher rebuilt, fed at the student's input size with its own mean/std (as in training);
     None when the run names no teacher. A teacher that cannot be rebuilt (hub weights offline) is a UserError."""

@@ -113,8 +113,7 @@ def measure_run(path: str | Path, data: str | Path, device: str = "cpu", batch_s
 
     target = artifacts.identify(path)
     splits = target.task.scan(data)
-    if splits.classes != target.meta["classes"]:
-        raise UserError(f"the classes of {data} differ from {target.file}'s", "measure on the data the model was trained for")
+    artifacts.check_classes(target, splits.classes)
     loader = eval_loader(target.task.eval_dataset(splits.val, target.meta), batch_size, workers)
     run_on = eval_runtime(device).device
     results = {"student": measure(target, loader, run_on, sigmas, epsilons, seed)}

@@ -47,14 +47,14 @@ def eval_(
     extras += [a for a in artifacts.exports_beside(student, exports) if a.path.resolve() not in named]
     splits = task.scan(data)
     for t in [student] + extras:
-        if splits.classes != t.meta["classes"]:
-            raise UserError(f"the data's classes {splits.classes[:5]}... differ from {t.file}'s {t.meta['classes'][:5]}...", "evaluate on the data the model was trained for")
+        artifacts.check_classes(t, splits.classes)
+    metric = task.metric(len(meta["classes"]))
     loader = eval_loader(task.eval_dataset(splits.val, meta), batch_size, workers)
 
     def measured(model, model_loader, name) -> dict:  # each model fed with its own mean/std
         result = {**evaluate.measure(model, model_loader, runtime.device, batch_size, model.meta["mean"], model.meta["std"]), "model": name}
         if levels is not None:
-            result["robustness"] = robustness.measure(model, model_loader, runtime.device, *levels, clean=result[task.metric(len(splits.classes)).best])
+            result["robustness"] = robustness.measure(model, model_loader, runtime.device, *levels, clean=result[metric.best])
         return result
 
     results = {"student": measured(student, loader, target)}
@@ -77,7 +77,6 @@ def eval_(
     if json_out:
         print(json.dumps(results))
         return
-    metric = task.metric(len(meta["classes"]))
     table = Table(title=f"{target} on {data}/val ({results['student']['images']} images)")
     for col in ("", "runs on", *(h for h, _ in metric.columns), "params", "GFLOPs", "file MB", "ms @1", f"ms @{batch_size}", "img/s"):
         table.add_column(col, justify="left" if col in ("", "runs on") else "right")
