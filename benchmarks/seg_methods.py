@@ -11,7 +11,6 @@ table says how the demo's student would fare with each method:
 from __future__ import annotations
 
 import argparse
-import io
 import shutil
 import statistics
 import tempfile
@@ -19,10 +18,9 @@ import time
 from pathlib import Path
 
 import torch
-from rich.console import Console
 
-from lcdistill import recipe as recipes, run as runs
 from lcdistill.data.scenes import write_digit_scenes
+from methods import base_of, mean_std, train  # benchmarks/methods.py: the classification twin of this benchmark
 from publish import publish  # benchmarks/publish.py: scripts run from this folder
 
 # as the Makefile's demo-seg: SEG (schedule and data) and the student's term settings
@@ -31,28 +29,17 @@ DATA = {"hflip": 0.0, "scale": [0.75, 1.25], "workers": 0}
 TERMS = {"kd": {"temperature": 1.0}, "london": {"alpha": 0.3}}
 
 
-def train(layers: list[dict], data: Path, teacher: str | None, out: Path) -> dict:
-    prepared = runs.prepare(recipes.build(layers), str(data), teacher, None, str(out))
-    return runs.run(prepared, Console(file=io.StringIO()))
-
-
-def base_of(method: str) -> str | None:
-    """The method a Lipschitz variant is paired with: london is ce + kd + the term, X+london is X + the term."""
-    return "kd" if method == "london" else method.removesuffix("+london") if method.endswith("+london") else None
-
-
 def table(results: dict[str, list[float]]) -> list[str]:
     """Markdown rows: mean +- std mIoU, per seed, and for a Lipschitz variant the seed-by-seed
     difference to its base method (mean +- std) when the base ran too."""
     lines = ["| method | mIoU % (mean +- std) | paired vs base | per seed |", "|---|---|---|---|"]
     for method, values in results.items():
-        std = statistics.stdev(values) if len(values) > 1 else 0.0
-        base = base_of(method)
+        base = base_of(method)  # london pairs with kd (it is kd + the term), X+london with X
         paired = ""
         if base in results and len(results[base]) == len(values) > 1:
             diffs = [v - b for v, b in zip(values, results[base])]
-            paired = f"{statistics.mean(diffs):+.2f} +- {statistics.stdev(diffs):.2f} vs {base}"
-        lines.append(f"| {method} | {statistics.mean(values):.2f} +- {std:.2f} | {paired} | {', '.join(f'{v:.1f}' for v in values)} |")
+            paired = f"{'+' if statistics.mean(diffs) >= 0 else ''}{mean_std(diffs)} vs {base}"
+        lines.append(f"| {method} | {mean_std(values)} | {paired} | {', '.join(f'{v:.1f}' for v in values)} |")
     return lines
 
 
