@@ -40,3 +40,18 @@ def digit_scenes(
     from lcdistill.data.scenes import CLASSES, write_digit_scenes
 
     wrote(out, *write_digit_scenes(out, size=size, images=images, seed=seed, val_fraction=val_fraction), classes=len(CLASSES))
+
+
+@app.command("digit-crops")
+@user_errors
+def digit_crops(
+    out: str = OutArg,
+    size: int = typer.Option(32, "--size", help="Side of each image in pixels (at least 16)."),
+    train: int = typer.Option(10000, "--train", help="Train images to write (at least 10)."),
+    val: int = typer.Option(2000, "--val", help="Val images to write (at least 10)."),
+    seed: int = typer.Option(0, "--seed"),
+):
+    """Harder digits: each scaled and placed at random on a noisy background, train and val from disjoint source digits (ImageFolders)."""
+    from lcdistill.data.crops import CLASSES, write_digit_crops
+
+    wrote(out, *write_digit_crops(out, size=size, train=train, val=val, seed=seed), classes=len(CLASSES))
