@@ -141,7 +141,7 @@ def test_scenes_repeat_byte_for_byte_with_the_seed(tmp_path):
     write_digit_scenes(b, size=32, images=20, seed=3)
     write_digit_scenes(c, size=32, images=20, seed=4)
     fa, fb, fc = files(a), files(b), files(c)
-    assert fa == fb and len(fa) == 20 * 3 + 3
+    assert fa == fb and len(fa) == 20 * 3 + 5  # images, masks, annotations; classes.txt; the Segmentation and Main lists
     assert fa.keys() == fc.keys()
     changed = [k for k in fa if fa[k] != fc[k] and k.startswith("JPEGImages")]
     assert len(changed) == 20

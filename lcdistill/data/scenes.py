@@ -12,6 +12,7 @@ measures generalisation to unseen handwriting. Written as VOC 2012 is laid out:
     OUT/JPEGImages/<id>.jpg                 RGB, JPEG quality 95
     OUT/SegmentationClass/<id>.png          palette PNG of class indices, VOC colours
     OUT/ImageSets/Segmentation/train.txt    ids, one per line (and val.txt)
+    OUT/ImageSets/Main/train.txt            the same ids, so the set also reads as VOC detection (and val.txt)
     OUT/Annotations/<id>.xml                VOC XML: each visible digit's class and box (1-based pixels)
     OUT/classes.txt                         background, 0, 1, ..., 9
 """
@@ -210,7 +211,11 @@ def write_digit_scenes(out: str | Path, size: int = 64, images: int = 1500, seed
             indexed.save(folders["SegmentationClass"] / f"{name}.png")
             _annotation(name, size, objects).write(folders["Annotations"] / f"{name}.xml", encoding="utf-8")
             ids[split].append(name)
+        main = staging / "ImageSets" / "Main"  # detection's list; written after the scenes, so it draws nothing from rng
+        main.mkdir()
         for split, names in ids.items():
-            (folders["ImageSets/Segmentation"] / f"{split}.txt").write_text("".join(f"{n}\n" for n in names))
+            listing = "".join(f"{n}\n" for n in names)
+            (folders["ImageSets/Segmentation"] / f"{split}.txt").write_text(listing)
+            (main / f"{split}.txt").write_text(listing)
         (staging / "classes.txt").write_text("".join(f"{c}\n" for c in CLASSES))
     return len(ids["train"]), len(ids["val"])
