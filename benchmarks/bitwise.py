@@ -1,11 +1,14 @@
 """Hold a change to "the same student, bit for bit": train one deterministic CPU run with the code at
 a base revision and one with the working tree, then compare every tensor of student.safetensors.
 
-    python benchmarks/bitwise.py --base c44a0df            # the revision before the task layer
-    python benchmarks/bitwise.py --base HEAD --methods london kd ce
+    python benchmarks/bitwise.py --base cd1242f            # before the model boundary: both tasks, london
+    python benchmarks/bitwise.py --base HEAD --methods london kd ce --tasks classification
 
-The base code runs from a throwaway `git worktree` of that revision; the teacher run both students
-distil from is trained once, by the base code. Exit 0 when every tensor is torch.equal, 1 otherwise.
+Each task runs its own setting: classification a resnet18 teacher and a mobilenetv2_050 student on
+digits at 32 px; segmentation an smp FPN resnet18 teacher and an FPN mobilenetv3 student on 200
+digit scenes at 64 px (the task's default augmentation, no data.scale given). The base code runs
+from a throwaway `git worktree` of that revision; the teacher run both students distil from is
+trained once, by the base code. Exit 0 when every tensor is torch.equal, 1 otherwise.
 Bitwise equality holds on one machine and one torch build; run both sides here, never compare with
 a file made elsewhere.
 """
@@ -22,8 +25,15 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-# the issue's command: a 3-epoch deterministic LONDON run on digits at 32 px
-FLAGS = ["--epochs", "3", "--input-size", "32", "--batch-size", "64", "--set", "train.deterministic=true", "--seed", "0"]
+DETERMINISTIC = ["--set", "train.deterministic=true", "--seed", "0", "--workers", "0"]
+# per task: (data command, teacher model, student, flags): a deterministic CPU run of each
+SETTINGS = {
+    "classification": (["data", "digits"], "resnet18", "mobilenetv2_050",
+                       ["--epochs", "3", "--input-size", "32", "--batch-size", "64", *DETERMINISTIC]),
+    "segmentation": (["data", "digit-scenes", "--images", "200"], "smp:FPN:resnet18", "smp:FPN:tu-mobilenetv3_small_100",
+                     ["--epochs", "2", "--input-size", "64", "--batch-size", "8", "--set", "schedule.optimizer=adamw", "--lr", "0.008",
+                      "--set", "data.hflip=0", *DETERMINISTIC]),
+}
 
 
 def base_tree(rev: str, work: Path) -> Path:
@@ -59,26 +69,29 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--base", default="HEAD", help="git revision to hold the working tree to")
     parser.add_argument("--methods", nargs="+", default=["london"], help="methods to compare (default: london)")
+    parser.add_argument("--tasks", nargs="+", default=list(SETTINGS), choices=list(SETTINGS), help="tasks to compare (default: all)")
     parser.add_argument("--keep", action="store_true", help="keep the work folder")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="lcdistill-bitwise-"))
     failed = False
     try:
         base = base_tree(args.base, work)
-        data, teacher = work / "digits", work / "teacher"
-        lcdistill(base, "data", "digits", str(data))
-        lcdistill(base, "train", "--model", "resnet18", "--data", str(data), "--epochs", "2", "--lr", "0.1", *FLAGS, "--out", str(teacher))
-        for method in args.methods:
-            students = {}
-            for side, code in (("base", base), ("tree", REPO)):
-                out = work / f"{method}-{side}"
-                lcdistill(code, "compress", "--teacher", str(teacher), "--student", "mobilenetv2_050", "--data", str(data),
-                          "--method", method, *FLAGS, "--out", str(out))
-                students[side] = out / "student.safetensors"
-            bad = compare(students["base"], students["tree"])
-            failed |= bool(bad)
-            verdict = "identical: every tensor torch.equal" if not bad else f"DIFFERENT: {len(bad)} tensors, e.g. {', '.join(bad[:3])}"
-            print(f"{method}: student.safetensors {verdict} (base {args.base} vs working tree)")
+        for task in args.tasks:
+            make_data, teacher_model, student_model, flags = SETTINGS[task]
+            data, teacher = work / f"{task}-data", work / f"{task}-teacher"
+            lcdistill(base, *make_data, str(data))
+            lcdistill(base, "train", "--model", teacher_model, "--data", str(data), *flags, "--out", str(teacher))
+            for method in args.methods:
+                students = {}
+                for side, code in (("base", base), ("tree", REPO)):
+                    out = work / f"{task}-{method}-{side}"
+                    lcdistill(code, "compress", "--teacher", str(teacher), "--student", student_model, "--data", str(data),
+                              "--method", method, *flags, "--out", str(out))
+                    students[side] = out / "student.safetensors"
+                bad = compare(students["base"], students["tree"])
+                failed |= bool(bad)
+                verdict = "identical: every tensor torch.equal" if not bad else f"DIFFERENT: {len(bad)} tensors, e.g. {', '.join(bad[:3])}"
+                print(f"{task} {method}: student.safetensors {verdict} (base {args.base} vs working tree)", flush=True)
     finally:
         subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(work / "base")], capture_output=True)
         if args.keep:

@@ -80,7 +80,7 @@ def main() -> None:
         runtimes = predictors(run, data, Path(tmp), args.calibration_images)
         val = task.scan(data, check=False).val
         loader = eval_loader(task.eval_dataset(val, meta), 128, 0)
-        top1 = {name: evaluate.score(p, loader, torch.device("cpu"), meta["mean"], meta["std"], task.metric(len(meta["classes"])))["top1"]
+        top1 = {name: evaluate.score(p, loader, torch.device("cpu"), meta["mean"], meta["std"], task.metric(len(meta["classes"])), task)["top1"]
                 for name, (p, _) in runtimes.items()}
         sizes = {name: evaluate.file_size(str(f)) for name, (_, f) in runtimes.items()}
         inputs = {b: torch.randn(b, *meta["input_size"], generator=torch.Generator().manual_seed(b)) for b in (1, args.batch)}

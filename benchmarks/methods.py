@@ -56,7 +56,7 @@ def subset(src: Path, dst: Path, fraction: float, seed: int = 0) -> None:
 
 
 def train(layers: list[dict], data: Path, teacher: str | None, out: Path) -> dict:
-    prepared = runs.prepare(recipes.build(layers), str(data), teacher, None, str(out))
+    prepared = runs.prepare(layers, str(data), teacher, None, str(out))
     return runs.run(prepared, Console(file=io.StringIO()))
 
 

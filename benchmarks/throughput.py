@@ -40,6 +40,7 @@ from lcdistill.data import gpu as gpu_data
 from lcdistill.data import normalize
 from lcdistill import methods, tasks
 from lcdistill.train import setup_runtime
+from lcdistill.tasks import Batch
 from publish import publish  # benchmarks/publish.py: scripts run from this folder
 
 
@@ -125,7 +126,7 @@ def lcdistill_step(method: str, teacher_name: str, student_name: str, classes: i
         if rt.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         with rt.autocast():
-            _, losses = distiller(images, targets)
+            _, losses = distiller(Batch(images, targets, torch.zeros(len(images))))
         loss = sum(losses.values())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -14,8 +14,9 @@ from typing import Callable
 
 import torch
 
+from lcdistill import export, models, tasks
 from lcdistill.errors import UserError
-from lcdistill.runfolder import RunFolder
+from lcdistill.runfolder import RunFolder, exported_files
 
 KINDS = ("run", "weights", "onnx", "torchscript", "pt2")
 # How each command's error names what it accepts, and where such a file comes from.
@@ -41,9 +42,7 @@ def identify(path: str | Path, accept: tuple[str, ...] = KINDS) -> Artifact:
     if kind in accept:
         return Artifact(path, kind)
     if path.is_dir():  # a folder, but no finished run: say what is missing
-        folder = RunFolder(path)
-        raise UserError(f"{path} is not a finished lcdistill run (no {folder.student.name} + {folder.meta.name})",
-                        "pass a run folder written by `lcdistill train` or `lcdistill compress`")
+        RunFolder(path).check_finished()
     what, fix = _WHAT.get(accept, _WHAT[KINDS])
     raise UserError(f"{path} is not {what}", fix)
 
@@ -84,8 +83,6 @@ class Artifact:
 
     @cached_property
     def meta(self) -> dict:
-        from lcdistill import export, models
-
         if self.kind == "onnx":
             return export.read_onnx_metadata(self.path)
         if self.kind == "torchscript":
@@ -96,9 +93,7 @@ class Artifact:
 
     @property
     def task(self):
-        from lcdistill import tasks
-
-        return tasks.get(self.meta.get("task", "classification"))  # runs before the task layer are classifiers
+        return tasks.of_meta(self.meta)
 
     @property
     def role(self) -> str:
@@ -110,8 +105,6 @@ class Artifact:
     @cached_property
     def loaded(self):
         """The rebuilt PyTorch model (models.Loaded) of a run folder or weights file."""
-        from lcdistill import models
-
         if self.runtime != "pytorch":
             raise UserError(f"{self.path} is an exported file, not PyTorch weights", "pass the run folder or its student.safetensors")
         return models.load_run(self.path)
@@ -122,35 +115,27 @@ class Artifact:
         if self.runtime == "pytorch":
             return self.loaded.model.eval()
         if self.kind == "torchscript":
-            from lcdistill import export
-
             with export.quiet_jit():
                 return torch.jit.load(str(self.path)).eval()
         if self.kind == "pt2":
-            from lcdistill import export
-
             return export.load_pt2(self.path)
         return None
 
     @cached_property
     def predict(self) -> Callable[[torch.Tensor], torch.Tensor]:
         """Normalised [N, C, H, W] batch -> prediction tensor, refusing batches of the wrong shape or type."""
-        from lcdistill import export
-
         meta, task = self.meta, self.task
         if self.kind == "onnx":
             session = export.onnx_session(self.path)
             run = lambda x: export.run_onnx(session, x)  # noqa: E731
         else:
             module = self.module
-            run = lambda x: task.prediction(module(x))  # noqa: E731
+            run = task.predictor(module)
         return lambda x: run(check_batch(x, meta, task.export.dynamic_axes))
 
 
 def exports_beside(target: Artifact, folder: str | Path | None) -> list[Artifact]:
     """The exported files in folder (default: the target's run folder), as artifacts."""
-    from lcdistill.runfolder import exported_files
-
     where = Path(folder) if folder is not None else (target.path if target.kind == "run" else None)
     return [Artifact(p, kind_of(p)) for p in exported_files(where)] if where is not None else []
 
@@ -165,8 +150,6 @@ def check_classes(target: Artifact, classes: list[str]) -> None:
 def teacher_of(student: Artifact) -> InMemory | None:
     """The run's teacher rebuilt, fed at the student's input size with its own mean/std (as in training);
     None when the run names no teacher. A teacher that cannot be rebuilt (hub weights offline) is a UserError."""
-    from lcdistill import models
-
     meta = student.meta
     entry = meta.get("teacher")
     if not entry:
@@ -190,4 +173,5 @@ class InMemory:
 
     @property
     def predict(self) -> Callable[[torch.Tensor], torch.Tensor]:
-        return lambda x: self.task.prediction(self.module(check_batch(x, self.meta, self.task.export.dynamic_axes)))
+        predict = self.task.predictor(self.module)
+        return lambda x: predict(check_batch(x, self.meta, self.task.export.dynamic_axes))

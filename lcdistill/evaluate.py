@@ -10,31 +10,32 @@ from typing import Callable
 import torch
 from torch import nn
 
-from lcdistill.data import normalize
+from torch.utils.flop_counter import FlopCounterMode
+
 from lcdistill.models import params
-from lcdistill.tasks import Metric
+from lcdistill.tasks import Metric, Task
 
 
 @torch.no_grad()
-def score(predict: Callable[[torch.Tensor], torch.Tensor], loader, device: torch.device, mean, std, metric: Metric, reduce=None) -> dict:
-    """The metric's values over the loader, plus "images": the count. predict maps a normalised batch
-    to the prediction tensor; the loader yields [0, 1] images; reduce all-reduces across DDP ranks."""
-    for batch in loader:
-        images, targets = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
-        metric.update(predict(normalize(images, mean, std)), targets)
-    if reduce is not None:
-        metric.reduce(reduce)
+def score(predict: Callable, loader, device: torch.device, mean, std, metric: Metric, task: Task, comm=None) -> dict:
+    """The metric's values over the loader, plus "images": the count. predict maps what the task feeds a
+    model (normalised with mean/std) to its prediction; the loader yields the task's [0, 1] batches;
+    comm (a train.Runtime) syncs the metric over DDP ranks."""
+    for item in loader:
+        batch = task.batch(item).to(device)
+        metric.update(predict(task.inputs(batch, mean, std)), batch.targets)
+    if comm is not None:
+        metric.sync(comm)
     return {**metric.compute(), "images": metric.count}
 
 
 @torch.no_grad()
-def flops(model: nn.Module, input_size: list[int]) -> int:
-    """FLOPs of one image's forward pass as torch.utils.flop_counter counts them (a multiply-add is 2)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
+def flops(model: nn.Module, example) -> int:
+    """FLOPs of the model's forward pass on one example input (the task's export example at batch 1),
+    as torch.utils.flop_counter counts them (a multiply-add is 2)."""
     was_training = model.training
     model.eval()
-    x = torch.zeros(1, *input_size, device=next(model.parameters()).device)
+    x = example.to(next(model.parameters()).device)
     counter = FlopCounterMode(display=False)
     with counter:
         model(x)
@@ -71,17 +72,15 @@ def placed(target, device: torch.device) -> torch.device:
 def measure(target, loader, device: torch.device, batch_size: int, mean, std) -> dict:
     """The task's metric on the loader plus size, FLOPs and latency (batch 1 and batch_size) for one
     model: an artifacts.Artifact or artifacts.InMemory."""
-    meta, predict, module = target.meta, target.predict, target.module
+    meta, predict, module, task = target.meta, target.predict, target.module, target.task
     lat_device = placed(target, device)
-    metric = target.task.metric(len(meta["classes"]))
-    result = score(predict, loader, lat_device, mean, std, metric)
-    if hasattr(metric, "details"):  # e.g. segmentation's per-class IoU
-        result.update(metric.details(meta["classes"]))
-    size = meta["input_size"]
+    metric = task.metric(len(meta["classes"]))
+    result = score(predict, loader, lat_device, mean, std, metric, task)
+    result.update(metric.details(meta["classes"]))  # e.g. per-class IoU
     sync = torch.cuda.synchronize if lat_device.type == "cuda" else (lambda: None)
     timings = {}
     for batch in (1, batch_size):
-        x = torch.randn(batch, *size, device=lat_device)
+        x = task.export.example(meta, batch, lat_device)
         with torch.no_grad():
             timings[batch] = time_call(lambda: predict(x), sync)
     result.update(
@@ -95,11 +94,8 @@ def measure(target, loader, device: torch.device, batch_size: int, mean, std) ->
         throughput_img_s=batch_size / (timings[batch_size] / 1000),
         device=str(lat_device),
     )
-    if isinstance(module, nn.Module) and target.runtime == "pytorch":
-        # what an export holds: a torchvision segmentation model's auxiliary head trains but is not shipped
-        aux = getattr(module, "aux_classifier", None)
-        shipped = params(module) - (params(aux) if isinstance(aux, nn.Module) else 0)
-        result.update(params=shipped, flops=flops(target.task.exportable(module), size))
+    if isinstance(module, nn.Module) and target.runtime == "pytorch":  # what an export holds (no training-only heads)
+        result.update(params=task.shipped_params(module), flops=flops(task.exportable(module), task.export.example(meta, 1)))
     return result
 
 

@@ -13,10 +13,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from lcdistill import hubfolder, tasks
 from lcdistill.checkpoint import atomic_write
 from lcdistill.defaults import OPSET
+from lcdistill import __version__
 from lcdistill.errors import UserError
-from lcdistill.tasks import ExportSpec
+from lcdistill.tasks import ExportSpec, scaled_diff
 
 
 def onnx_opset(proto) -> int:
@@ -26,10 +28,8 @@ def onnx_opset(proto) -> int:
 
 def metadata(meta: dict) -> dict[str, str]:
     """What a deployment needs to feed the model and read its output, as string pairs."""
-    from lcdistill import __version__
-
     return {
-        "task": meta.get("task", "classification"),
+        "task": tasks.of_meta(meta).name,
         "classes": json.dumps(meta["classes"]),
         "mean": json.dumps(meta["mean"]),
         "std": json.dumps(meta["std"]),
@@ -39,12 +39,6 @@ def metadata(meta: dict) -> dict[str, str]:
         "arch": json.dumps(meta["arch"]),
         "lcdistill_version": __version__,
     }
-
-
-def task_of(meta: dict):
-    from lcdistill import tasks
-
-    return tasks.get(meta.get("task", "classification"))  # files from before the task layer are classifiers
 
 
 @contextmanager
@@ -60,9 +54,9 @@ def to_onnx(model: nn.Module, meta: dict, path: Path, spec: ExportSpec | None = 
     names) and the metadata above, checked by onnx.checker."""
     import onnx
 
-    spec = spec or task_of(meta).export
+    spec = spec or tasks.of_meta(meta).export
     model = model.eval()
-    example = torch.randn(2, *meta["input_size"])
+    example = spec.example(meta, 2)
     dims = {axis: torch.export.Dim(name, min=1 if axis == 0 else 16, max=4096) for axis, name in spec.dynamic_axes.items()}
 
     def write(tmp: str) -> None:
@@ -99,7 +93,7 @@ def set_metadata(proto, props: dict[str, str]) -> None:
 def to_torchscript(model: nn.Module, meta: dict, path: Path) -> Path:
     """A traced TorchScript module; metadata rides along as an extra file."""
     model = model.eval()
-    example = torch.randn(2, *meta["input_size"])
+    example = tasks.of_meta(meta).export.example(meta, 2)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         traced = torch.jit.trace(model, example, check_trace=False)
@@ -116,9 +110,9 @@ def to_pt2(model: nn.Module, meta: dict, path: Path, spec: ExportSpec | None = N
     """A torch.export ExportedProgram with the task's dynamic axes (batch at least, torch.export.Dim), saved by
     torch.export.save with the metadata above as an extra file. A model torch.export cannot trace: one line
     naming its family."""
-    spec = spec or task_of(meta).export
+    spec = spec or tasks.of_meta(meta).export
     model = model.eval()
-    example = torch.randn(2, *meta["input_size"])
+    example = spec.example(meta, 2)
     # free sizes first; an encoder-decoder whose skips need sides divisible by its stride gets multiples of 32
     strides = (None, 32) if set(spec.dynamic_axes) - {0} and all(int(v) % 32 == 0 for v in meta["input_size"][1:]) else (None,)
     first_error = None
@@ -180,8 +174,6 @@ def runner(fmt: str, path: Path) -> Callable[[torch.Tensor], torch.Tensor]:
     if fmt == "pt2":
         return load_pt2(path)
     if fmt == "hub":  # the folder built the way its card says (timm, torchvision or lcdistill)
-        from lcdistill import hubfolder
-
         return hubfolder.load(path)
     with quiet_jit():
         return torch.jit.load(str(path))
@@ -203,22 +195,14 @@ def run_onnx(session, batch: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(session.run(None, {name: batch.cpu().numpy().astype(np.float32)})[0])
 
 
-def scaled_diff(got: torch.Tensor, reference: torch.Tensor) -> float:
-    """Max |got - reference| as a fraction of the largest |reference| entry (absolute below 1): float32
-    rounding grows with the logits' scale, and a segmentation model's logits reach tens."""
-    if got.shape != reference.shape or not torch.isfinite(got).all():  # nan would compare below any tolerance
-        return float("inf")
-    return (got - reference).abs().max().item() / max(1.0, reference.abs().max().item())
-
-
-def parity(model: nn.Module, files: dict[str, Path], batch: torch.Tensor) -> dict[str, float]:
-    """scaled_diff of exported vs PyTorch over the batch and over its first image alone (batch 1)."""
+def parity(model: nn.Module, files: dict[str, Path], batch: torch.Tensor, spec: ExportSpec) -> dict[str, float]:
+    """spec.compare of exported vs PyTorch over the batch and over its first image alone (batch 1)."""
     model = model.eval()
     result = {}
     with torch.no_grad():
         for fmt, path in files.items():
             predict = runner(fmt, path)
-            result[fmt] = max(scaled_diff(predict(x), model(x)) for x in (batch, batch[:1]))
+            result[fmt] = max(spec.compare(predict(x), model(x)) for x in (batch, batch[:1]))
     return result
 
 
@@ -249,7 +233,7 @@ def read_torchscript_metadata(path: Path) -> dict:
 
 def decode_metadata(props: dict[str, str]) -> dict:
     out = {k: json.loads(props[k]) for k in ("classes", "mean", "std", "input_size", "crop_pct", "arch")}
-    out["task"] = props.get("task", "classification")
+    out["task"] = props.get("task") or tasks.LEGACY
     out["interpolation"] = props.get("interpolation", "bilinear")
     out["lcdistill_version"] = props.get("lcdistill_version")
     if "onnx_opset" in props:

@@ -23,20 +23,22 @@ from pathlib import Path
 
 from torch import nn
 
+from lcdistill import models, tasks
+from lcdistill.checkpoint import save_weights
+from lcdistill import __version__
 from lcdistill.errors import UserError
+from lcdistill.evaluate import flops as count_flops
+from lcdistill.models.classifiers import REPO_PLACEHOLDER
+from lcdistill.models.hub import _reachable
+from lcdistill.runfolder import RunFolder
 
 CONFIG, WEIGHTS, CARD, META = "config.json", "model.safetensors", "README.md", "lcdistill.json"
 FILES = (CONFIG, WEIGHTS, CARD, META)
-LIBRARIES = {"timm": "timm", "tv": "torchvision", "smp": "segmentation_models_pytorch"}
-# In the card's code until `lcdistill push` writes the real repo id there.
-REPO_PLACEHOLDER = "ORG/NAME"
 
 
 def kind(meta: dict) -> str:
-    """How a student loads outside lcdistill: 'timm' (timm.create_model), 'tv' (torchvision), 'lcdistill' (other tasks)."""
-    if meta.get("task", "classification") != "classification":
-        return "lcdistill"
-    return {"timm": "timm", "tv": "tv"}.get(meta["arch"]["source"], "lcdistill")
+    """How a student loads outside lcdistill, as its family says: 'timm' (timm.create_model), 'tv' (torchvision), 'lcdistill'."""
+    return models.family_of(meta["arch"]).hub_kind(meta["arch"])
 
 
 def data_config(meta: dict) -> dict:
@@ -49,8 +51,8 @@ def hand_config(meta: dict) -> dict:
     arch = meta["arch"]
     cfg = {
         "architecture": arch["name"],
-        "library_name": LIBRARIES.get(arch["source"], "lcdistill"),
-        "task": meta.get("task", "classification"),
+        "library_name": models.family_of(arch).library(arch),
+        "task": tasks.of_meta(meta).name,
         "num_classes": meta["num_classes"],
         "label_names": meta["classes"],
         "model_args": {**(arch.get("kwargs") or {}), "num_classes": meta["num_classes"]},
@@ -82,8 +84,6 @@ def write(model: nn.Module, meta: dict, out: Path, card: str) -> Path:
 
 
 def _fill(model: nn.Module, meta: dict, folder: Path, card: str) -> None:
-    from lcdistill.checkpoint import save_weights
-
     how = kind(meta)
     if how == "timm":
         from timm.models import save_for_hf
@@ -138,9 +138,7 @@ def load(folder: Path) -> nn.Module:
         model = torchvision.models.get_model(cfg["architecture"], **cfg["model_args"])
         model.load_state_dict(load_file(str(folder / WEIGHTS)))
     else:
-        from lcdistill import models, tasks
-
-        model = tasks.get(meta.get("task", "classification")).exportable(models.load_run(folder / WEIGHTS).model)
+        model = tasks.of_meta(meta).exportable(models.load_run(folder / WEIGHTS).model)
     return model.eval()
 
 
@@ -179,56 +177,14 @@ def meta_table(meta: dict, columns, flops: int | None) -> str:
 
 
 def usage(meta: dict) -> str:
-    """How to load the student, in code a user can paste."""
-    arch, n = meta["arch"], meta["num_classes"]
-    size = meta["input_size"][-1]
-    if kind(meta) == "timm":
-        return textwrap.dedent(f"""\
-            With [timm](https://github.com/huggingface/pytorch-image-models) (config.json carries the classes and the preprocessing):
-
-            ```python
-            import timm, torch
-            from PIL import Image
-
-            model = timm.create_model("hf-hub:{REPO_PLACEHOLDER}", pretrained=True).eval()
-            # or from this folder on disk: timm.create_model("local-dir:PATH/TO/THIS/FOLDER", pretrained=True)
-            transform = timm.data.create_transform(**timm.data.resolve_data_config({{}}, model=model))
-            with torch.no_grad():
-                logits = model(transform(Image.open("image.png").convert("RGB")).unsqueeze(0))
-            print(model.pretrained_cfg["label_names"][logits.argmax(1).item()])
-            ```
-            """)
-    mean, std, crop = meta["mean"], meta["std"], float(meta.get("crop_pct", 0.875))
-    interp = meta.get("interpolation", "bilinear").upper()
-    prep = textwrap.dedent(f"""\
-        transform = T.Compose([T.Resize({int(size / crop)}, interpolation=T.InterpolationMode.{interp}), T.CenterCrop({size}),
-                               T.ToTensor(), T.Normalize({mean}, {std})])""")
-    if kind(meta) == "tv":
-        kwargs = "".join(f", {k}={v!r}" for k, v in (arch.get("kwargs") or {}).items())
-        return textwrap.dedent(f"""\
-            With [torchvision](https://pytorch.org/vision/) (timm cannot build torchvision architectures; config.json
-            names the architecture, the classes and the preprocessing):
-
-            ```python
-            import json, torch, torchvision
-            import torchvision.transforms as T
-            from huggingface_hub import snapshot_download
-            from PIL import Image
-            from safetensors.torch import load_file
-
-            folder = snapshot_download("{REPO_PLACEHOLDER}")  # or the path of this folder on disk
-            model = torchvision.models.get_model("{arch['name']}", num_classes={n}{kwargs})
-            model.load_state_dict(load_file(f"{{folder}}/model.safetensors"))
-            model.eval()
-            labels = json.load(open(f"{{folder}}/config.json"))["label_names"]
-            """) + prep + "\n" + textwrap.dedent("""\
-            with torch.no_grad():
-                logits = model(transform(Image.open("image.png").convert("RGB")).unsqueeze(0))
-            print(labels[logits.argmax(1).item()])
-            ```
-            """)
-    return _plain_dense(meta) + textwrap.dedent(f"""\
-        A {meta.get('task', 'classification')} student. Its architecture is lcdistill's spec (config.json `lcdistill_arch`):
+    """How to load the student, in code a user can paste: its library's own way (the family's), and
+    lcdistill's where the library alone does not rebuild the shipped module."""
+    arch, task = meta["arch"], tasks.of_meta(meta).name
+    plain = models.family_of(arch).plain_usage(meta)
+    if kind(meta) != "lcdistill":
+        return plain
+    return plain + textwrap.dedent(f"""\
+        A {task} student. Its architecture is lcdistill's spec (config.json `lcdistill_arch`):
 
         ```json
         {json.dumps(arch)}
@@ -243,58 +199,8 @@ def usage(meta: dict) -> str:
 
         folder = snapshot_download("{REPO_PLACEHOLDER}")  # or the path of this folder on disk
         loaded = models.load_run(f"{{folder}}/model.safetensors")   # loaded.model, loaded.classes, loaded.data_config
-        model = tasks.get("{meta.get('task', 'classification')}").exportable(loaded.model).eval()   # input: normalised [N, 3, H, W]
+        model = tasks.get("{task}").exportable(loaded.model).eval()   # input: normalised [N, 3, H, W]
         ```
-        """)
-
-
-def _plain_dense(meta: dict) -> str:
-    """Segmentation students: how torchvision or segmentation_models_pytorch builds them without lcdistill
-    (as lcdistill.models.segmentation.build does), or nothing for another architecture."""
-    arch, n = meta["arch"], meta["num_classes"]
-    kwargs = dict(arch.get("kwargs") or {})
-    size = meta["input_size"][-1]
-    if meta.get("task") != "segmentation" or arch["source"] not in ("tv", "smp"):
-        return ""
-    if arch["source"] == "tv":
-        import inspect
-
-        import torchvision
-
-        try:
-            if "aux_loss" in inspect.signature(torchvision.models.get_model_builder(arch["name"])).parameters:
-                kwargs.setdefault("aux_loss", True)  # the saved weights hold the auxiliary head lcdistill trained
-        except ValueError:
-            return ""
-        extra = "".join(f", {k}={v!r}" for k, v in kwargs.items())
-        build = (f"import torchvision\nmodel = torchvision.models.get_model(\"{arch['name']}\", num_classes={n}, weights=None, "
-                 f"weights_backbone=None{extra})")
-        call = 'model(x)["out"]'
-        library = "torchvision"
-    else:
-        model_arch, _, encoder = arch["name"].partition(":")
-        extra = "".join(f", {k}={v!r}" for k, v in kwargs.items())
-        build = (f"import segmentation_models_pytorch as smp\nmodel = smp.create_model(\"{model_arch}\", encoder_name=\"{encoder}\", "
-                 f"encoder_weights=None, classes={n}{extra})")
-        call = "model(x)"
-        library = "segmentation_models_pytorch"
-    return textwrap.dedent(f"""\
-        With {library} alone (config.json carries the classes and the preprocessing: resize to {size}x{size}, normalise with
-        mean {meta['mean']} and std {meta['std']}):
-
-        ```python
-        import torch
-        import torch.nn.functional as F
-        from huggingface_hub import snapshot_download
-        from safetensors.torch import load_file
-        """) + build + "\n" + textwrap.dedent(f"""\
-        folder = snapshot_download("{REPO_PLACEHOLDER}")  # or the path of this folder on disk
-        model.load_state_dict(load_file(f"{{folder}}/model.safetensors"))
-        model.eval()
-        with torch.no_grad():  # x: a normalised [N, 3, H, W] batch
-            logits = F.interpolate({call}, size=x.shape[-2:], mode="bilinear", align_corners=False)  # [N, {n}, H, W]
-        ```
-
         """)
 
 
@@ -302,17 +208,14 @@ def card(meta: dict, task, run: dict, recipe_text: str | None, results: dict | N
     """README.md for the folder, in timm's model-card layout (timm.models.generate_readme)."""
     from timm.models._hub import generate_readme
 
-    from lcdistill import __version__
-
     arch, columns = meta["arch"], task.metric(meta["num_classes"]).columns
     teacher = (meta.get("teacher") or {}).get("origin")
     dataset = run.get("dataset") or "the training data"
     sizes = run.get("sizes")
-    task_name = {"classification": "image-classification", "segmentation": "image-segmentation"}.get(meta.get("task", "classification"),
-                                                                                                      meta.get("task", "classification"))
+    task_name = task.hub_pipeline or task.name
     size = meta["input_size"]
     details = {
-        "Model Type": f"{meta.get('task', 'classification')} ({meta['num_classes']} classes)",
+        "Model Type": f"{task.name} ({meta['num_classes']} classes)",
         "Architecture": f"{arch['source']}:{arch['name']}" + (f" {arch['kwargs']}" if arch.get("kwargs") else ""),
         "Params (M)": _fmt(meta.get("params") and meta["params"] / 1e6),
         "GFLOPs": f"{_fmt(flops and flops / 1e9, '{:.3f}')} at {size[-2]}x{size[-1]}",
@@ -326,7 +229,7 @@ def card(meta: dict, task, run: dict, recipe_text: str | None, results: dict | N
         "Trained with": f"lcdistill {meta.get('lcdistill_version') or __version__}",
     }
     values = "  ".join(f"{h} {meta[k]:.2f}" for h, k in columns if meta.get(k) is not None)
-    description = (f"A {arch['name']} student for {meta.get('task', 'classification')} of {dataset}, distilled"
+    description = (f"A {arch['name']} student for {task.name} of {dataset}, distilled"
                    + (f" from {teacher}" if teacher else "") + f" with lcdistill (method `{meta.get('method', '-')}`"
                    + (", LONDON: Lipschitz-continuity-guided knowledge distillation, Shang et al., ICCV 2021" if "london" in str(meta.get("method")) else "")
                    + f"). Validation: {values or '-'}.")
@@ -340,8 +243,8 @@ def card(meta: dict, task, run: dict, recipe_text: str | None, results: dict | N
         comparison += "\n### Recipe\n\nThe run's resolved recipe (`lcdistill compress --recipe recipe.yaml` repeats it):\n\n```yaml\n" \
                       + recipe_text.rstrip() + "\n```\n"
     model_card = {
-        "tags": [task_name, LIBRARIES.get(arch["source"], "lcdistill"), "lcdistill", "knowledge-distillation"],
-        "library_name": LIBRARIES.get(arch["source"], "lcdistill"),
+        "tags": [task_name, models.family_of(arch).library(arch), "lcdistill", "knowledge-distillation"],
+        "library_name": models.family_of(arch).library(arch),
         "license": "other",
         "license_name": "set-by-the-data-owner",
         "description": description + "\n\nThe license is the training data owner's call: edit `license` above before sharing.",
@@ -355,8 +258,6 @@ def card(meta: dict, task, run: dict, recipe_text: str | None, results: dict | N
 # ---- from a run ------------------------------------------------------------------------------
 def run_facts(folder: Path | None, meta: dict, task) -> dict:
     """Dataset name and sizes from the run's run.json (data may have moved: then its name alone)."""
-    from lcdistill.runfolder import RunFolder
-
     if folder is None or not RunFolder(folder).inputs.is_file():
         return {}
     data = json.loads(RunFolder(folder).inputs.read_text()).get("data")
@@ -374,9 +275,6 @@ def run_facts(folder: Path | None, meta: dict, task) -> dict:
 
 def from_artifact(source, out: Path, eval_file: Path | None = None) -> Path:
     """Write the hub folder for an artifacts.Artifact of kind run or weights."""
-    from lcdistill.evaluate import flops as count_flops
-    from lcdistill.runfolder import RunFolder
-
     loaded, task = source.loaded, source.task
     meta = dict(loaded.meta)
     folder = RunFolder(source.folder)
@@ -392,7 +290,7 @@ def from_artifact(source, out: Path, eval_file: Path | None = None) -> Path:
     recipe_text = folder.recipe.read_text() if folder.recipe.is_file() else None
     model = loaded.model.eval()
     try:
-        n_flops = count_flops(task.exportable(model), meta["input_size"])
+        n_flops = count_flops(task.exportable(model), task.export.example(meta, 1))
     except Exception:  # FLOPs are for the card only
         n_flops = None
     text = card(meta, task, run_facts(source.folder, meta, task), recipe_text, results, n_flops)
@@ -408,8 +306,6 @@ def preflight(repo: str, token: str | None = None) -> str:
     """Check the repo id, find a token and probe the Hub, before anything is written or sent; returns the token."""
     from huggingface_hub import get_token
     from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-    from lcdistill.models.hub import _reachable
 
     try:
         validate_repo_id(repo)

@@ -11,8 +11,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from torch.utils.data import Subset
+
 from lcdistill import export
 from lcdistill.checkpoint import atomic_write
+from lcdistill.data import eval_loader
 from lcdistill.defaults import CALIBRATION_IMAGES
 from lcdistill.errors import UserError
 
@@ -20,16 +23,12 @@ from lcdistill.errors import UserError
 def calibration_batches(task, data_dir: str | Path, meta: dict, images: int = CALIBRATION_IMAGES, batch_size: int = 32, seed: int = 0) -> list[np.ndarray]:
     """A seeded random sample of TRAINING images, prepared as at eval time and normalised:
     what the model will see in deployment, without touching the val images it is scored on."""
-    from torch.utils.data import Subset
-
-    from lcdistill.data import eval_loader, normalize
-
     train = task.scan(data_dir, check=False).train
     if not train.samples:
         raise UserError(f"{data_dir}/train holds no images to calibrate int8 with", "pass --data DIR with a train/ folder")
     pick = torch.randperm(len(train.samples), generator=torch.Generator().manual_seed(seed))[:images].tolist()
     dataset = Subset(task.eval_dataset(train, meta), pick)
-    return [normalize(b[0], meta["mean"], meta["std"]).numpy() for b in eval_loader(dataset, batch_size, 0)]
+    return [task.inputs(task.batch(b), meta["mean"], meta["std"]).numpy() for b in eval_loader(dataset, batch_size, 0)]
 
 
 @contextmanager

@@ -19,11 +19,15 @@ from typing import Any
 
 import yaml
 
+from lcdistill import methods, tasks
+from lcdistill.checkpoint import atomic_write_text
 from lcdistill.errors import UserError
+from lcdistill.specs import split_source
 
-# The core keys; default_recipe() adds the method terms' sections (methods.sections()).
+# The core keys; default_recipe() adds the method terms' sections (methods.sections()), and a run
+# lays its task's own defaults (Task.recipe_defaults) over them, under the user's settings.
 CORE: dict[str, Any] = {
-    "task": "auto",  # auto (from the data layout) | classification
+    "task": "auto",  # auto (from the data layout) | a task name (`lcdistill methods` lists them)
     "student": {
         "source": "auto",  # timm | tv | auto (timm first, then torchvision)
         "name": None,
@@ -79,8 +83,6 @@ CORE: dict[str, Any] = {
 
 @functools.cache
 def _defaults() -> dict[str, Any]:
-    from lcdistill import methods  # late import: methods import torch
-
     out: dict[str, Any] = {}
     for key, value in CORE.items():
         out[key] = copy.deepcopy(value)
@@ -95,7 +97,7 @@ def default_recipe() -> dict[str, Any]:
 
 
 def __getattr__(name: str):
-    if name == "DEFAULTS":  # built on first use: the method registry imports torch
+    if name == "DEFAULTS":  # a fresh copy each time: no caller can change the defaults
         return default_recipe()
     raise AttributeError(name)
 
@@ -218,26 +220,17 @@ def resolve_student(spec: str | None, recipe_file: str | None) -> dict:
     return {"student": {"source": source, "name": name}}
 
 
-def split_source(spec: str) -> tuple[str, str]:
-    """'timm:resnet18' -> ('timm', 'resnet18'); 'tv:resnet18' -> ('tv', ...); bare -> ('auto', ...)."""
-    for prefix, source in (("timm:", "timm"), ("tv:", "tv"), ("torchvision:", "tv")):
-        if spec.startswith(prefix):
-            return source, spec[len(prefix):]
-    return "auto", spec
-
-
-def build(layers: list[dict]) -> dict:
-    """DEFAULTS merged with each layer in turn (recipe file, CLI flags, --set overrides)."""
+def build(layers: list[dict], task_defaults: dict | None = None) -> dict:
+    """The defaults (with a task's own laid over them) merged with each layer in turn (recipe file, CLI
+    flags, --set overrides)."""
     recipe = default_recipe()
-    for layer in layers:
+    for layer in [task_defaults or {}, *layers]:
         recipe = deep_merge(recipe, layer)
     validate(recipe)
     return recipe
 
 
 def validate(recipe: dict) -> None:
-    from lcdistill import methods, tasks  # late import: they import torch
-
     methods.validate(recipe)
     if recipe["task"] != "auto":
         tasks.get(recipe["task"])
@@ -256,6 +249,4 @@ def validate(recipe: dict) -> None:
 
 
 def save(recipe: dict, path: Path) -> None:
-    from lcdistill.checkpoint import atomic_write_text
-
     atomic_write_text(path, yaml.safe_dump(recipe, sort_keys=False))

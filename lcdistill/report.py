@@ -10,8 +10,10 @@ import io
 import json
 from pathlib import Path
 
+from lcdistill.artifacts import identify
 from lcdistill.checkpoint import atomic_write, atomic_write_text
 from lcdistill.errors import UserError
+from lcdistill.robustness import NOTE, columns
 from lcdistill.runfolder import RunFolder, exported_files
 
 NOT_LOSSES = {"epoch", "lr", "img_per_s", "skipped_images", "lip_gap"}
@@ -143,8 +145,6 @@ def plot_robustness(plt, rows: dict[str, dict], header: str, path: Path) -> Path
 
 def robustness_table(rows: dict[str, dict]) -> str:
     """The metric clean and per level, one row per model ('-': not measured, e.g. FGSM of an exported file)."""
-    from lcdistill.robustness import columns
-
     levels = columns(rows.values())
     head = "".join(f"<th>{html.escape(h)}</th>" for h in ["", "clean", *(label for _, _, label in levels)])
     body = "".join(f"<tr><td>{html.escape(role)}</td><td>{r['clean']:.2f}</td>"
@@ -204,8 +204,6 @@ STYLE = ("body{font-family:system-ui,sans-serif;max-width:60em;margin:2em auto;c
 
 def write(run: Path, evaluation: dict | None = None, lipschitz: dict | None = None) -> dict:
     """Write RUN/plots/*.png and RUN/report.html; returns {"html": path, "plots": [paths]}."""
-    from lcdistill.artifacts import identify
-
     run = Path(run)
     target = identify(run, accept=("run",))
     folder = RunFolder(run)
@@ -249,8 +247,6 @@ def write(run: Path, evaluation: dict | None = None, lipschitz: dict | None = No
     out.write("<h2>Training</h2>" + ("".join(embedded(p, alt) for p, alt in curves) if curves else "<p class=note>No summary.csv.</p>"))
     out.write(f"<h2>Lipschitz constants</h2>{lip_html}")
     if robust:
-        from lcdistill.robustness import NOTE
-
         out.write("<h2>Robustness</h2>" + "".join(embedded(p, alt) for p, alt in robust_plots) + robustness_table(robust)
                   + f"<p class=note>{html.escape(NOTE)}</p>")
     out.write("</body></html>\n")

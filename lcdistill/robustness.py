@@ -16,10 +16,12 @@ from pathlib import Path
 
 import torch
 
-from lcdistill.data import normalize, sample_seed
+from lcdistill import artifacts
+from lcdistill.data import eval_loader, normalize, sample_seed
 from lcdistill.defaults import FGSM_EPSILONS, NOISE_SIGMAS, ROBUSTNESS_SEED
 from lcdistill.errors import UserError
 from lcdistill.evaluate import placed, score
+from lcdistill.train import eval_runtime
 
 NOTE = (f"noise: x + N(0, sigma^2) on the [0, 1] pixels, clipped to [0, 1], before each model's mean/std; the same noise for "
         f"every model (seed {ROBUSTNESS_SEED}). FGSM: one step x + eps * sign(grad_x loss), clipped; PyTorch models only. "
@@ -82,24 +84,21 @@ def measure(target, loader, device: torch.device, sigmas: Sequence[float] = NOIS
     """The task's checkpoint-picking metric (top-1 %, mIoU %) of one model (artifacts.Artifact or
     InMemory, fed with its own mean/std) on the loader's [0, 1] images: clean, under Gaussian noise
     per sigma and, for PyTorch models, under FGSM per epsilon. Plain JSON-able data:
-    {"metric": "top1", "seed": 0, "clean": 97.5, "noise": {"0.05": 96.9, ...}, "fgsm": {"0.00392157": 80.1, ...}}."""
+    {"metric": <the metric's best>, "seed": 0, "clean": 97.5, "noise": {"0.05": 96.9, ...}, "fgsm": {"0.00392157": 80.1, ...}}."""
     meta, task = target.meta, target.task
     mean, std = meta["mean"], meta["std"]
     device = placed(target, device)
     best = task.metric(len(meta["classes"])).best
 
     def value(batches) -> float:
-        return score(target.predict, batches, device, mean, std, task.metric(len(meta["classes"])))[best]
+        return score(target.predict, batches, device, mean, std, task.metric(len(meta["classes"])), task)[best]
 
     # clean: the metric on this loader when the caller has it already (eval's main table), saving a pass
     result = {"metric": best, "seed": seed, "clean": value(loader) if clean is None else clean, "noise": {key(s): value(with_noise(loader, s, seed)) for s in sigmas}}
     if target.runtime == "pytorch" and epsilons:
         target.module.eval()
 
-        def loss(prediction, targets):  # the task's plain supervised loss: CE (per pixel, 255 ignored, for segmentation)
-            return task.loss(prediction, targets, {"label_smoothing": 0.0})
-
-        result["fgsm"] = {key(e): value(with_fgsm(loader, target.predict, loss, device, mean, std, e)) for e in epsilons}
+        result["fgsm"] = {key(e): value(with_fgsm(loader, target.predict, task.attack_loss, device, mean, std, e)) for e in epsilons}
     return result
 
 
@@ -107,10 +106,6 @@ def measure_run(path: str | Path, data: str | Path, device: str = "cpu", batch_s
                 sigmas: Sequence[float] = NOISE_SIGMAS, epsilons: Sequence[float] = FGSM_EPSILONS, seed: int = ROBUSTNESS_SEED) -> dict[str, dict]:
     """`measure` for a run folder's student (or an exported file) on DATA/val, and with teacher=True
     for the run's teacher on the same images: {"student": {...}, "teacher": {...}}."""
-    from lcdistill import artifacts
-    from lcdistill.data import eval_loader
-    from lcdistill.train import eval_runtime
-
     target = artifacts.identify(path)
     splits = target.task.scan(data)
     artifacts.check_classes(target, splits.classes)

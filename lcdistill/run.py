@@ -20,6 +20,7 @@ from rich.table import Table
 
 from lcdistill import guardrails, methods, models, recipe as recipes, tasks
 from lcdistill.checkpoint import atomic_write_json, save_weights
+from lcdistill.data.gpu import JpegDataset
 from lcdistill.distributed import replica_check
 from lcdistill.errors import TrainingStopped, UserError
 from lcdistill.evaluate import flops
@@ -51,20 +52,22 @@ def student_spec(student: dict) -> str:
     return student["name"] if student["source"] == "auto" else f"{student['source']}:{student['name']}"
 
 
-def prepare(recipe: dict, data_dir: str, teacher: str | None, teacher_weights: str | None, out: str | None, resume: bool = False) -> Prepared:
+def prepare(layers: list[dict], data_dir: str, teacher: str | None, teacher_weights: str | None, out: str | None, resume: bool = False) -> Prepared:
+    """Every input checked, nothing written. layers: the recipe layers (a recipe file, the flags, --set);
+    the task the data names lays its own defaults under them."""
+    task = tasks.for_data(recipes.build(layers)["task"], data_dir)
+    recipe = recipes.build(layers, task.recipe_defaults)
+    recipe["task"] = task.name  # the saved recipe names the task --task auto found
     runtime = setup_runtime(recipe["train"])
     if recipe["train"]["sync_bn"] and runtime.world > 1 and runtime.device.type != "cuda":  # torch's SyncBatchNorm only syncs GPU tensors
         raise UserError("train.sync_bn needs CUDA GPUs (SyncBatchNorm cannot sync CPU tensors)", "drop --set train.sync_bn=true on CPU; BN statistics are averaged over processes at each epoch end anyway")
-    task = tasks.for_data(recipe["task"], data_dir)
-    recipe["task"] = task.name  # the saved recipe names the task --task auto found
     splits = task.scan(data_dir, skip_bad=recipe["data"]["skip_bad_images"])
     classes = splits.classes
     loaded_teacher = None
     if methods.needs_teacher(recipe["method"]):
         if not teacher:
             raise UserError(f"method '{recipe['method']}' needs a teacher", "pass --teacher NAME_OR_RUN, or use --method ce")
-        loaded_teacher = task.resolve(teacher, len(classes), weights=teacher_weights, pretrained=True)
-        task.check_model(loaded_teacher, "teacher")
+        loaded_teacher = task.resolve(teacher, len(classes), role="teacher", weights=teacher_weights, pretrained=True)
         if loaded_teacher.classes is not None and loaded_teacher.classes != classes:
             raise UserError(
                 f"teacher {teacher} was trained on classes {loaded_teacher.classes[:5]}... which differ from the data's {classes[:5]}...",
@@ -72,9 +75,8 @@ def prepare(recipe: dict, data_dir: str, teacher: str | None, teacher_weights: s
             )
     torch.manual_seed(recipe["train"]["seed"])
     s = recipe["student"]
-    student = task.resolve(student_spec(s), len(classes), weights=s["weights"], pretrained=s["pretrained"],
+    student = task.resolve(student_spec(s), len(classes), role="student", weights=s["weights"], pretrained=s["pretrained"],
                            flag="--weights (student.weights in a recipe)", kwargs=s["kwargs"], keep_head=False)
-    task.check_model(student, "student")
     if recipe["train"]["sync_bn"] and runtime.world > 1:
         student.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(student.model)
     # Unset sizes follow a teacher run (it was trained at them), else the student's own config.
@@ -128,8 +130,6 @@ def build_distiller(p: Prepared):
 
 
 def run(p: Prepared, console: Console, resume: bool = False) -> dict:
-    from lcdistill.data.gpu import JpegDataset
-
     rt, folder = p.runtime, p.folder
     distiller = build_distiller(p)
     train_set, val_set = p.task.datasets(p.splits, p.input_size, p.student.data_config, p.recipe, rt.device)
@@ -191,12 +191,14 @@ def finish(p: Prepared, trainer: Trainer, console: Console, teacher_val: dict, r
     metric = p.task.metric(len(p.splits.classes))
     values = shipped(trainer.rows[-1], metric)
     size = [3, p.input_size, p.input_size]
+    example = p.task.export.example({"input_size": size}, 1)
+    count = lambda model: flops(model, example)  # noqa: E731
     teacher_entry = None
-    rows = [("student" if p.teacher else "model", p.student.origin, values, p.student.params, flops(student, size))]
+    rows = [("student" if p.teacher else "model", p.student.origin, values, p.student.params, count(student))]
     if p.teacher is not None:
         t = {key: teacher_val[key] for _, key in metric.columns}
         teacher_entry = {"spec": p.teacher.spec, "origin": p.teacher.origin, **t, "params": p.teacher.params}
-        rows.insert(0, ("teacher", p.teacher.origin, t, p.teacher.params, flops(p.teacher.model, size)))
+        rows.insert(0, ("teacher", p.teacher.origin, t, p.teacher.params, count(p.teacher.model)))
     meta = models.model_meta(p.student, p.splits.classes, size, {
         **p.task.metadata(p.splits.classes), "method": p.recipe["method"], **values, "teacher": teacher_entry, "epochs": trainer.epoch,
         **({"ddp": replicas} if replicas else {}),

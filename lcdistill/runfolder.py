@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from lcdistill.errors import UserError
+
 # What `lcdistill export` writes, in the order tables list them.
 EXPORTS = {"onnx": "student.onnx", "int8": "student.int8.onnx", "torchscript": "student.pt", "pt2": "student.pt2"}
 EXPORT_FILES = tuple(EXPORTS.values())
@@ -51,6 +53,12 @@ class RunFolder:
     def finished(self) -> bool:
         """A student was written: the folder can be evaluated, exported, used as a teacher."""
         return self.meta.is_file() and self.student.is_file()
+
+    def check_finished(self) -> None:
+        """The UserError saying what an unfinished folder lacks."""
+        if not self.finished():
+            raise UserError(f"{self.path} is not a finished lcdistill run (no {self.student.name} + {self.meta.name})",
+                            "pass a run folder written by `lcdistill train` or `lcdistill compress`")
 
     def started(self) -> bool:
         """The run was set up (recipe and inputs written): it may be resumed."""

@@ -20,35 +20,10 @@ from typing import Callable
 
 import torch
 
+from lcdistill import export, models, recipe as recipes, tasks
 from lcdistill.errors import UserError
+from lcdistill.evaluate import flops
 
-# Small timm and torchvision families, one or two sizes each (the shipped recipes come on top).
-CURATED: tuple[tuple[str, str], ...] = (
-    ("timm", "mobilenetv2_050"),
-    ("timm", "mobilenetv2_100"),
-    ("timm", "mobilenetv3_small_100"),
-    ("timm", "mobilenetv3_large_100"),
-    ("timm", "efficientnet_b0"),
-    ("timm", "efficientnet_lite0"),
-    ("timm", "ghostnet_100"),
-    ("timm", "regnetx_002"),
-    ("timm", "regnetx_004"),
-    ("timm", "resnet18"),
-    ("timm", "convnext_atto"),
-    ("timm", "mobileone_s0"),
-    ("tv", "mobilenet_v3_small"),
-    ("tv", "mobilenet_v3_large"),
-)
-# Small encoder-decoders for segmentation data (lcdistill.models.segmentation names).
-CURATED_DENSE: tuple[tuple[str, str], ...] = (
-    ("tv", "lraspp_mobilenet_v3_large"),
-    ("tv", "deeplabv3_mobilenet_v3_large"),
-    ("smp", "DeepLabV3Plus:mobilenet_v2"),
-    ("smp", "Unet:resnet18"),
-    ("smp", "Unet:tu-mobilenetv3_small_100"),
-    ("smp", "FPN:efficientnet-b0"),
-)
-CURATED_BY_TASK = {"classification": CURATED, "segmentation": CURATED_DENSE}
 RUNTIMES = ("onnxruntime", "torch")
 WARMUP, REPEATS = 5, 20
 
@@ -75,45 +50,41 @@ class Row:
     error: str | None = None
 
 
-def _key(source: str, name: str, task_name: str) -> tuple[str, str]:
-    """(library, name) of a model name, or the one-line error for a name no library knows."""
-    from lcdistill import models
-    from lcdistill.models import segmentation
-
-    if task_name == "segmentation":
-        arch = segmentation.parse(name if source == "auto" else f"{source}:{name}")
-        if arch is None:
-            raise UserError(f"'{name}' is not a segmentation model", segmentation.NAME_HINT)
-        return arch["source"], arch["name"]
-    return models.resolve_source(source, name), name
+def _key(spec: str, task) -> tuple[str, str]:
+    """(library, name) of a model name of the task, or the one-line error for a name none of its families builds."""
+    found = models.parse(spec, task.name)
+    if found is None:
+        raise (models.families(task.name) or models.families())[0].unknown(spec)
+    return found[1]["source"], found[1]["name"]
 
 
-def candidates(only: list[str] | None = None, task_name: str = "classification") -> list[Candidate]:
-    """The shipped recipes' students for the task and its curated families, one row per architecture
-    (a recipe's name wins); or just the models / recipes named in `only`."""
-    from lcdistill import recipe as recipes
-
+def candidates(only: list[str] | None = None, task=None) -> list[Candidate]:
+    """The shipped recipes' students for the task and its families' curated models, one row per
+    architecture (a recipe's name wins); or just the models / recipes named in `only`."""
+    task = task or tasks.get(tasks.LEGACY)
     shipped = {}
     for recipe_name, path in recipes.list_recipes().items():
         r = recipes.read_yaml(path)
         own = r.get("task", "auto")
-        if own == task_name or own == "auto" and task_name == "classification":  # a recipe without a task is a classifier's
+        if own == task.name or own == "auto" and task.name == tasks.LEGACY:  # a recipe without a task is a classifier's
             shipped[recipe_name] = r["student"]
+    spec = lambda s: s["name"] if s.get("source", "auto") == "auto" else f"{s['source']}:{s['name']}"  # noqa: E731
     found: dict[tuple[str, str], Candidate] = {}
     if only:
-        for spec in only:
-            if spec in shipped:
-                source, name = _key(shipped[spec].get("source", "auto"), shipped[spec]["name"], task_name)
-                found.setdefault((source, name), Candidate(spec, source, name, recipe=True))
+        for name in only:
+            if name in shipped:
+                source, model = _key(spec(shipped[name]), task)
+                found.setdefault((source, model), Candidate(name, source, model, recipe=True))
             else:
-                source, name = _key(*recipes.split_source(spec), task_name) if task_name == "classification" else _key("auto", spec, task_name)
-                found.setdefault((source, name), Candidate(f"{source}:{name}", source, name))
+                source, model = _key(name, task)
+                found.setdefault((source, model), Candidate(f"{source}:{model}", source, model))
         return list(found.values())
     for recipe_name, s in shipped.items():
-        source, name = _key(s.get("source", "auto"), s["name"], task_name)
-        found.setdefault((source, name), Candidate(recipe_name, source, name, recipe=True))
-    for source, name in CURATED_BY_TASK.get(task_name, ()):
-        found.setdefault((source, name), Candidate(f"{source}:{name}", source, name))
+        source, model = _key(spec(s), task)
+        found.setdefault((source, model), Candidate(recipe_name, source, model, recipe=True))
+    for family in models.families(task.name):
+        for source, model in family.curated:
+            found.setdefault((source, model), Candidate(f"{source}:{model}", source, model))
     return list(found.values())
 
 
@@ -127,14 +98,9 @@ def default_input_size(median_side: float | None) -> int:
 def runnable(model: torch.nn.Module, meta: dict, task, runtime: str, folder: Path) -> tuple[dict, Callable[[], object]]:
     """params and FLOPs of one built model, and a batch-1 call on `runtime` to time (for onnxruntime the
     model is exported to ONNX in `folder` first, as `lcdistill export` does)."""
-    from lcdistill import export
-    from lcdistill.evaluate import flops
-    from lcdistill.models import params
-
     model = task.exportable(model).eval()
-    size = meta["input_size"]
-    stats = {"params": params(model), "flops": flops(model, size)}
-    x = torch.randn(1, *size)
+    stats = {"params": models.params(model), "flops": flops(model, task.export.example(meta, 1))}
+    x = task.export.example(meta, 1)
     if runtime == "torch":
         def call():
             with torch.no_grad():
@@ -174,8 +140,6 @@ def survey(task, classes: list[str], input_size: int, runtime: str, cands: list[
     """Build (and export) each candidate and the teacher (for scale), then time them all in interleaved
     rounds; rows sorted by latency, budget marked. progress(name) is called per candidate built and
     per timing round ("timing")."""
-    from lcdistill import models
-
     if runtime not in RUNTIMES:
         raise UserError(f"unknown --runtime '{runtime}'", f"choose {' or '.join(RUNTIMES)}")
     size = [3, input_size, input_size]
@@ -219,4 +183,4 @@ def as_dicts(rows: list[Row]) -> list[dict]:
     return [asdict(r) for r in rows]
 
 
-__all__ = ["CURATED", "CURATED_DENSE", "RUNTIMES", "Candidate", "Row", "as_dicts", "candidates", "default_input_size", "interleaved", "runnable", "survey"]
+__all__ = ["RUNTIMES", "Candidate", "Row", "as_dicts", "candidates", "default_input_size", "interleaved", "runnable", "survey"]

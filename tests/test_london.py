@@ -8,6 +8,7 @@ import torch
 
 from lcdistill import methods, recipe as recipes, tasks
 from lcdistill.errors import UserError
+from lcdistill.tasks import Batch
 
 CFG = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
 
@@ -27,7 +28,7 @@ def test_lipschitz_term_trains_student_and_connectors_not_teacher():
     teacher_before = copy.deepcopy(distiller.teacher.state_dict())
     distiller.train()
     images, targets = torch.rand(8, 3, 32, 32), torch.randint(0, 10, (8,))
-    _, losses = distiller(images, targets)
+    _, losses = distiller(Batch(images, targets, torch.zeros(len(images))))
     assert set(losses) == {"ce", "lip"} and losses["lip"] > 0
     sum(losses.values()).backward()
     student_grads = [p.grad for p in distiller.student.parameters() if p.grad is not None]
@@ -43,11 +44,11 @@ def test_lipschitz_term_trains_student_and_connectors_not_teacher():
 
 def test_alpha_scales_the_term_and_zero_alpha_removes_it():
     images, targets = torch.rand(4, 3, 32, 32), torch.randint(0, 10, (4,))
-    one = make(**{"london.alpha": 1.0}).train()(images, targets)[1]["lip"]
-    three = make(**{"london.alpha": 3.0}).train()(images, targets)[1]["lip"]
+    one = make(**{"london.alpha": 1.0}).train()(Batch(images, targets, torch.zeros(len(images))))[1]["lip"]
+    three = make(**{"london.alpha": 3.0}).train()(Batch(images, targets, torch.zeros(len(images))))[1]["lip"]
     torch.testing.assert_close(three, 3 * one)
     idle = make(**{"london.alpha": 0}).train()
-    assert "lip" not in idle(images, targets)[1]
+    assert "lip" not in idle(Batch(images, targets, torch.zeros(len(images))))[1]
     # kept for measuring the gap, frozen so DDP sees no parameter left without gradient
     connectors = idle.term("london").connectors
     assert connectors is not None and not any(p.requires_grad for p in connectors.parameters())
@@ -55,11 +56,11 @@ def test_alpha_scales_the_term_and_zero_alpha_removes_it():
 
 def test_warmup_ramps_the_term_linearly_with_training_progress():
     images, targets = torch.rand(4, 3, 32, 32), torch.randint(0, 10, (4,))
-    full = make().train()(images, targets)[1]["lip"]
+    full = make().train()(Batch(images, targets, torch.zeros(len(images))))[1]["lip"]
     ramped = make(**{"london.warmup_epochs": 2}).train()
     for progress, share in ((0.0, 0.0), (0.5, 0.25), (1.0, 0.5), (2.0, 1.0), (7.5, 1.0)):
         ramped.progress = progress  # what the trainer sets before each step
-        torch.testing.assert_close(ramped(images, targets)[1]["lip"], share * full)
+        torch.testing.assert_close(ramped(Batch(images, targets, torch.zeros(len(images))))[1]["lip"], share * full)
 
 
 def test_default_pairs_are_by_stride_deeper_weighted_more():
@@ -79,7 +80,7 @@ def test_a_one_position_matrix_is_left_out_and_the_printed_pairs_say_so():
     lines = small.describe()
     assert lines[-1] == "transmitting matrix stride 16 -> 32 (1x1 map at 32 px): left out, 1 position(s) < london.min_positions 4"
     assert lines[-2] == "transmitting matrix stride 8 -> 16 (2x2 map at 32 px): weight 0.5"
-    _, losses = small.train()(images, targets)
+    _, losses = small.train()(Batch(images, targets, torch.zeros(len(images))))
     assert london.stats["lip_gap"].shape == (2,)
     # the stride-32 pair feeds only the left-out matrix: not tapped and no connector (whose parameters
     # would get no gradient, which DDP refuses); every connector built gets gradient
@@ -117,14 +118,14 @@ def test_vit_teacher_is_a_clear_error_for_london_but_works_for_kd():
     with pytest.raises(UserError, match="kd"):
         make(teacher_name="vit_tiny_patch16_224")
     kd = make(method="kd", teacher_name="vit_tiny_patch16_224")
-    _, losses = kd.train()(torch.rand(2, 3, 224, 224), torch.tensor([1, 2]))
+    _, losses = kd.train()(Batch(torch.rand(2, 3, 224, 224), torch.tensor([1, 2]), torch.zeros(2)))
     assert set(losses) == {"ce", "kd"}
 
 
 def test_raw_student_side_needs_no_connectors_and_still_trains_the_student():
     distiller = make(**{"loss.ce": 0, "kd.weight": 0, "london.student_side": "raw"})
     assert distiller.term("london").connectors is None
-    _, losses = distiller.train()(torch.rand(8, 3, 32, 32), torch.randint(0, 10, (8,)))
+    _, losses = distiller.train()(Batch(torch.rand(8, 3, 32, 32), torch.randint(0, 10, (8,)), torch.zeros(8)))
     losses["lip"].backward()
     assert sum(p.grad.abs().sum() for p in distiller.student.parameters() if p.grad is not None) > 0
     assert all(p.grad is None for p in distiller.teacher.parameters())
@@ -140,8 +141,8 @@ def test_plain_london_reads_its_own_stage_outputs_and_kd_london_is_london():
     assert london.student_taps() == ["blocks.1", "blocks.2", "blocks.4", "blocks.6"]
     assert london.teacher_taps() == ["layer1", "layer2", "layer3", "layer4"]
     assert london.connectors is not None
-    a = plain.train()(images, targets)[1]
-    b = make("kd+london").train()(images, targets)[1]
+    a = plain.train()(Batch(images, targets, torch.zeros(len(images))))[1]
+    b = make("kd+london").train()(Batch(images, targets, torch.zeros(len(images))))[1]
     assert set(a) == {"ce", "kd", "lip"} and all(torch.equal(a[k], b[k]) for k in a)
     shared = make("ofd+london").term("london")
     assert shared.shared and shared.connectors is None and shared.student_taps() == []

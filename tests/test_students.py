@@ -18,7 +18,7 @@ def test_candidates_are_the_recipes_and_the_curated_families():
     classifiers = {n for n, path in recipes.list_recipes().items() if recipes.read_yaml(path).get("task", "auto") in ("auto", "classification")}
     assert classifiers and classifiers <= names, "a shipped classification recipe is missing"
     assert not [c for c in found if c.source == "smp"], "a segmentation recipe among classifiers"
-    for source, name in students.CURATED:
+    for source, name in models.classifiers.CURATED:
         assert (source, name) in archs
     by_arch = {(c.source, c.name): c for c in found}
     assert by_arch[("timm", "resnet18")].student == "resnet18" and by_arch[("timm", "resnet18")].recipe  # the recipe's name wins
@@ -33,11 +33,11 @@ def test_candidates_named_and_unknown():
 
 
 def test_segmentation_candidates():
-    found = students.candidates(task_name="segmentation")
+    found = students.candidates(task=tasks.get("segmentation"))
     assert ("smp", "DeepLabV3Plus:mobilenet_v2") in {(c.source, c.name) for c in found}
     assert not [c for c in found if c.source == "timm"], "a classifier among segmentation students"
     with pytest.raises(Exception, match="not a segmentation model"):
-        students.candidates(["resnet18"], "segmentation")
+        students.candidates(["resnet18"], tasks.get("segmentation"))
 
 
 def test_default_input_size():

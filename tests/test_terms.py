@@ -25,6 +25,7 @@ from lcdistill.methods.dist import dist_loss
 from lcdistill.methods.dkd import dkd_loss, dkd_parts
 from lcdistill.methods.kd import kd_loss
 from lcdistill.methods.ofd import gaussian_margin, partial_l2
+from lcdistill.tasks import Batch, LogitView
 
 CFG = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
 
@@ -57,10 +58,11 @@ def test_kd_dense_is_per_pixel_over_labelled_pixels():
                 total += float((p_t * (p_t.log() - p_s.log())).sum())
                 count += 1
     ref = total / count * T**2
-    assert kd_loss(s, t, T, 1, y) == pytest.approx(ref, rel=1e-5)
+    valid = tasks.get("segmentation").logit_view(s, y).valid  # the task marks 255 (and only 255) unlabelled
+    assert kd_loss(s, t, T, 1, valid) == pytest.approx(ref, rel=1e-5)
     # every pixel ignored: zero, with a gradient of zero
     s.requires_grad_(True)
-    zero = kd_loss(s, t, T, 1, torch.full((n, h, w), 255))
+    zero = kd_loss(s, t, T, 1, tasks.get("segmentation").logit_view(s, torch.full((n, h, w), 255)).valid)
     zero.backward()
     assert zero == 0 and torch.count_nonzero(s.grad) == 0
 
@@ -126,7 +128,8 @@ def test_dkd_dense_uses_labelled_pixels_only():
     rows_t = t.permute(0, 2, 3, 1).reshape(-1, 3)
     keep = y.reshape(-1) != 255
     ref = dkd_reference(rows_s[keep], rows_t[keep], y.reshape(-1)[keep], 1.0, 8.0, 4.0)
-    assert dkd_loss(s, t, y, 1.0, 8.0, 4.0) == pytest.approx(ref, rel=1e-5)
+    view = tasks.get("segmentation").logit_view(s, y)
+    assert dkd_loss(s, t, view.labels, 1.0, 8.0, 4.0, 1, view.valid) == pytest.approx(ref, rel=1e-5)
 
 
 # ---- dist ----------------------------------------------------------------------------------------
@@ -164,6 +167,7 @@ def test_cwd_matches_its_formula():
 class FakeDense:
     name = "segmentation"
     class_dim = 1
+    dense = True
 
     class export:  # noqa: N801 - what an ExportSpec looks like
         dynamic_axes = {0: "batch", 2: "height", 3: "width"}
@@ -173,10 +177,10 @@ def test_cwd_refuses_classification_and_steps_on_dense_predictions():
     with pytest.raises(UserError, match="dense"):
         make("cwd")
     settings = recipes.default_recipe()["cwd"]
-    term = CWD(settings, Context(None, None, FakeDense(), dense=methods.is_dense(FakeDense())))
+    term = CWD(settings, Context(None, None, FakeDense()))
     s = torch.randn(2, 3, 8, 8, requires_grad=True)
     t = torch.randn(2, 3, 8, 8)
-    loss = term(Step(s, t, torch.zeros(2, 8, 8, dtype=torch.long), 1, 0.0))["cwd"]
+    loss = term(Step(LogitView(s), LogitView(t), 2, 0.0))["cwd"]
     loss.backward()
     assert float(loss.detach()) == pytest.approx(3.0 * float(cwd_loss(s.detach(), t, 4.0)))
     assert s.grad.abs().sum() > 0
@@ -235,7 +239,7 @@ def test_terms_train_the_student_and_never_the_teacher(method, losses):
     teacher_before = copy.deepcopy(distiller.teacher.state_dict())
     distiller.train()
     images, targets = torch.rand(8, 3, 32, 32, generator=gen(21)), torch.randint(0, 10, (8,), generator=gen(22))
-    _, out = distiller(images, targets)
+    _, out = distiller(Batch(images, targets, torch.zeros(len(images))))
     assert set(out) == losses
     for name in losses - {"ce"}:
         assert torch.isfinite(out[name]) and out[name] > 0, name
@@ -271,7 +275,7 @@ def test_ofd_reads_pre_relu_maps_and_the_bn_before_each():
     outputs = {}
     hooks = [distiller.teacher.get_submodule(f"layer{i}").register_forward_hook(lambda m, i, o, k=i: outputs.__setitem__(k, o.clone()))
              for i in range(1, 5)]
-    distiller(images, targets)
+    distiller(Batch(images, targets, torch.zeros(len(images))))
     for h in hooks:
         h.remove()
     assert all(seen[n].min() < 0 for n in ofd.teacher_names)
@@ -292,7 +296,7 @@ def test_ofd_loss_is_the_sum_of_stage_losses_over_powers_of_two_per_image():
 
     ofd.forward = spy
     images, targets = torch.rand(4, 3, 32, 32, generator=gen(32)), torch.randint(0, 10, (4,), generator=gen(33))
-    _, out = distiller.train()(images, targets)
+    _, out = distiller.train()(Batch(images, targets, torch.zeros(len(images))))
     n, total = len(ofd.pairs), 0.0
     for i, (s, t) in enumerate(zip([f.detach() for f in captured["student"]], captured["teacher"])):
         m = getattr(ofd, f"margin{i}").expand_as(t)
@@ -310,7 +314,7 @@ def test_ofd_falls_back_to_first_batch_statistics_without_a_bn(monkeypatch):
     distiller = make("ofd")
     ofd = distiller.term("ofd")
     assert not ofd.margin_ready.any()
-    distiller.train()(torch.rand(4, 3, 32, 32, generator=gen(25)), torch.randint(0, 10, (4,), generator=gen(26)))
+    distiller.train()(Batch(torch.rand(4, 3, 32, 32, generator=gen(25)), torch.randint(0, 10, (4,), generator=gen(26)), torch.zeros(4)))
     assert ofd.margin_ready.all() and all((m < 0).all() for m in ofd.margins())
     assert "ofd.margin_ready" in {f"ofd.{k}" for k in ofd.state_dict()}
 
@@ -331,7 +335,7 @@ def test_ofd_london_is_the_papers_london_on_ofd_maps():
         return result
 
     ofd.forward = spy
-    _, out = distiller(images, targets)
+    _, out = distiller(Batch(images, targets, torch.zeros(len(images))))
     s_sigma = stage_sigmas(captured["student"], 20)
     t_sigma = stage_sigmas(captured["teacher"], 20)
     ref = lipschitz_loss(s_sigma, t_sigma, default_pair_weights(3), "log_mse")
@@ -344,8 +348,8 @@ def test_ofd_london_is_the_papers_london_on_ofd_maps():
 
 def test_plain_london_is_unchanged_by_the_sharing():
     images, targets = torch.rand(4, 3, 32, 32, generator=gen(29)), torch.randint(0, 10, (4,), generator=gen(30))
-    a = make("london").train()(images, targets)[1]
-    b = make("kd+london").train()(images, targets)[1]
+    a = make("london").train()(Batch(images, targets, torch.zeros(len(images))))[1]
+    b = make("kd+london").train()(Batch(images, targets, torch.zeros(len(images))))[1]
     assert set(a) == {"ce", "kd", "lip"} and all(torch.equal(a[k], b[k]) for k in a)
     london = make("london").term("london")
     assert london.connectors is not None and london.student_taps() == [s.name for s, _ in london.pairs]

@@ -1,9 +1,13 @@
-"""What every command shares: user errors as one line + exit 2, consoles, recipe overrides, options."""
+"""What every command shares: user errors as one line + exit 2, consoles, recipe overrides, options
+(the training options `compress` and `train` share, as one TrainingOptions)."""
 
 from __future__ import annotations
 
 import functools
+import inspect
 import sys
+from dataclasses import dataclass, field
+from typing import List, Optional
 
 import typer
 from rich.console import Console
@@ -60,35 +64,64 @@ def console_for(json_out: bool = False) -> Console:
 
 
 # ---- shared options (typer reads a default Option object afresh for each command) ---------
-DataOpt = typer.Option(None, "--data", help="Folder with train/ and val/ ImageFolders.")
-EpochsOpt = typer.Option(None, "--epochs", help="Training epochs (schedule.epochs).")
-BatchOpt = typer.Option(None, "--batch-size", "-b", help="Global batch size, split over torchrun processes.")
-LrOpt = typer.Option(None, "--lr", help="Peak learning rate for the global batch.")
+DataOpt = typer.Option(None, "--data", help="Data folder: train/ and val/ in a layout a task reads (class folders, VOC, images + masks).")
 OutOpt = typer.Option(None, "--out", help="Run folder (default runs/<student>-<method>-<time>).")
-DeviceOpt = typer.Option(None, "--device", help="auto | cpu | cuda")
-SeedOpt = typer.Option(None, "--seed")
 SetOpt = typer.Option(None, "--set", help="Override any recipe key: --set kd.temperature=2 (repeatable).")
-InputSizeOpt = typer.Option(None, "--input-size", help="Square input side in pixels (data.input_size).")
-AmpOpt = typer.Option(None, "--amp-dtype", help="auto | bfloat16 | float16 | float32")
-ChannelsLastOpt = typer.Option(None, "--channels-last/--no-channels-last", help="NHWC memory format (default on CUDA).")
-CompileOpt = typer.Option(None, "--torchcompile/--no-torchcompile", help="torch.compile student and teacher.")
-EmaOpt = typer.Option(None, "--model-ema/--no-model-ema", help="Keep an EMA of the student and ship it.")
-WorkersOpt = typer.Option(None, "--workers", "-j", help="Data loader processes per training process.")
-CkptOpt = typer.Option(None, "--checkpoint-every", help="Also checkpoint every N steps.")
-ClipOpt = typer.Option(None, "--max-grad-norm", help="Clip the gradient norm.")
-TaskOpt = typer.Option(None, "--task", help="auto | classification | segmentation (auto: from the data layout).")
-SkipBadOpt = typer.Option(None, "--skip-bad-images/--no-skip-bad-images", help="Skip unreadable images instead of stopping.")
 # measuring commands (eval, lipschitz, report)
 EvalDeviceOpt = typer.Option("auto", "--device")
 EvalBatchOpt = typer.Option(64, "--batch-size", "-b")
 JsonObjectOpt = typer.Option(False, "--json", help="Print one JSON object on stdout.")
 
+# The training options `compress` and `train` share: parameter name -> (recipe key it sets, its type, the option).
+TRAINING: dict[str, tuple[str, type, object]] = {
+    "epochs": ("schedule.epochs", int, typer.Option(None, "--epochs", help="Training epochs (schedule.epochs).")),
+    "batch_size": ("schedule.batch_size", int, typer.Option(None, "--batch-size", "-b", help="Global batch size, split over torchrun processes.")),
+    "lr": ("schedule.lr", float, typer.Option(None, "--lr", help="Peak learning rate for the global batch.")),
+    "device": ("train.device", str, typer.Option(None, "--device", help="auto | cpu | cuda")),
+    "seed": ("train.seed", int, typer.Option(None, "--seed")),
+    "input_size": ("data.input_size", int, typer.Option(None, "--input-size", help="Square input side in pixels (data.input_size).")),
+    "amp_dtype": ("train.amp_dtype", str, typer.Option(None, "--amp-dtype", help="auto | bfloat16 | float16 | float32")),
+    "channels_last": ("train.channels_last", bool, typer.Option(None, "--channels-last/--no-channels-last", help="NHWC memory format (default on CUDA).")),
+    "torchcompile": ("train.compile", bool, typer.Option(None, "--torchcompile/--no-torchcompile", help="torch.compile student and teacher.")),
+    "model_ema": ("train.ema", bool, typer.Option(None, "--model-ema/--no-model-ema", help="Keep an EMA of the student and ship it.")),
+    "workers": ("data.workers", int, typer.Option(None, "--workers", "-j", help="Data loader processes per training process.")),
+    "checkpoint_every": ("train.checkpoint_every", int, typer.Option(None, "--checkpoint-every", help="Also checkpoint every N steps.")),
+    "max_grad_norm": ("schedule.max_grad_norm", float, typer.Option(None, "--max-grad-norm", help="Clip the gradient norm.")),
+    "skip_bad_images": ("data.skip_bad_images", bool, typer.Option(None, "--skip-bad-images/--no-skip-bad-images", help="Skip unreadable images instead of stopping.")),
+    "task": ("task", str, typer.Option(None, "--task", help="auto | classification | segmentation (auto: from the data layout).")),
+}
 
-def common_flags(epochs, batch_size, lr, device, seed, input_size, amp_dtype, channels_last, torchcompile, model_ema, workers, checkpoint_every, max_grad_norm, skip_bad_images, task) -> dict:
-    """The training options compress and train share, keyed by the recipe entry each sets."""
-    return {
-        "schedule.epochs": epochs, "schedule.batch_size": batch_size, "schedule.lr": lr, "schedule.max_grad_norm": max_grad_norm,
-        "train.device": device, "train.seed": seed, "train.amp_dtype": amp_dtype, "train.channels_last": channels_last,
-        "train.compile": torchcompile, "train.ema": model_ema, "train.checkpoint_every": checkpoint_every,
-        "data.input_size": input_size, "data.workers": workers, "data.skip_bad_images": skip_bad_images, "task": task,
-    }
+
+@dataclass
+class TrainingOptions:
+    """The shared training options as given (None: not given), and the recipe layers they make."""
+
+    values: dict[str, object]
+    sets: list[str] = field(default_factory=list)  # --set KEY=VALUE
+
+    def given(self) -> list[str]:
+        """The flags given, as typed (for --resume, which takes none)."""
+        named = [TRAINING[k][2].param_decls[0].split("/")[0] for k, v in self.values.items() if v is not None]
+        return named + (["--set"] if self.sets else [])
+
+    def layers(self, extra: dict | None = None) -> list[dict]:
+        """Recipe layers: the flags given (and extra recipe keys), then each --set."""
+        flags = {TRAINING[k][0]: v for k, v in self.values.items()}
+        return overrides({**flags, **(extra or {})}, self.sets)
+
+
+def training_options(command):
+    """Add the shared training options (and --set) to a command; it receives them as `options`."""
+    sig = inspect.signature(command)
+    own = [p for p in sig.parameters.values() if p.name != "options"]
+    shared = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=opt, annotation=Optional[kind])
+              for name, (_, kind, opt) in TRAINING.items()]
+    shared.append(inspect.Parameter("set_", inspect.Parameter.KEYWORD_ONLY, default=SetOpt, annotation=Optional[List[str]]))
+
+    @functools.wraps(command)
+    def wrapper(**kwargs):
+        options = TrainingOptions({k: kwargs.pop(k) for k in TRAINING}, list(kwargs.pop("set_") or []))
+        return command(options=options, **kwargs)
+
+    wrapper.__signature__ = sig.replace(parameters=own + shared)
+    return wrapper

@@ -70,16 +70,20 @@ def export(
         from lcdistill import hubfolder
 
         files["hub"] = hubfolder.from_artifact(source_file, RunFolder(out_dir).hub, eval_file)
-    diffs = exporter.parity(model, files, batch)
+    diffs = exporter.parity(model, files, batch, task.export)
     worst = 0.0
     for fmt, diff in diffs.items():
         worst = max(worst, diff)
         typer.echo(f"{fmt}: {files[fmt]}  max |diff| vs PyTorch {diff:.2e} (of the largest |logit|) on {source} and batch 1")
     if worst > tolerance:
         fail(f"export differs from PyTorch by {worst:.2e} > tolerance {tolerance:g}", 1)
-    from lcdistill import export_sizes  # dynamic height/width (segmentation): parity at a second size and batch too
+    from lcdistill import export_sizes  # a dynamic height and width: parity at a second size and batch too
 
-    export_sizes.check(model, files, task.export, meta, tolerance)
+    shape, second = export_sizes.check(model, files, task.export, meta)
+    for fmt, diff in second.items():
+        typer.echo(f"{fmt}: max |diff| vs PyTorch {diff:.2e} (of the largest |logit|) at batch {shape[0]}, {shape[2]}x{shape[3]} (dynamic height and width)")
+    if second and max(second.values()) > tolerance:
+        fail(f"export differs from PyTorch by {max(second.values()):.2e} > tolerance {tolerance:g} at input {shape[2]}x{shape[3]}", 1)
     if quantize == "int8":
         _export_int8(model, task, meta, files["onnx"], data_dir, calibration_images, batch, source)
 
@@ -93,13 +97,11 @@ def _export_int8(model, task, meta: dict, fp32: Path, data_dir: str, images: int
     batches = quant.calibration_batches(task, data_dir, meta, images)
     int8 = quant.quantize(fp32, quant.int8_path(fp32), batches, str(Path(data_dir).resolve()))
     with torch.no_grad():
-        reference = model.eval()(batch).argmax(1)
-        got = exporter.run_onnx(exporter.onnx_session(int8), batch).argmax(1)
-    agree = int((got == reference).sum())
-    where = "" if reference.dim() == 1 else " pixels"  # dense tasks: one prediction per pixel
+        agree, total = task.export.agreement(exporter.run_onnx(exporter.onnx_session(int8), batch), model.eval()(batch))
+    where = "" if task.export.unit == "images" else f" {task.export.unit}"
     mb = lambda p: p.stat().st_size / 1e6  # noqa: E731
     typer.echo(f"int8: {int8}  {mb(int8):.2f} MB (fp32 {mb(fp32):.2f} MB), calibrated on {sum(len(b) for b in batches)} train images;"
-               f" top-1 class agrees with PyTorch on {agree}/{reference.numel()}{where} of {source}; measure accuracy with `lcdistill eval`")
+               f" top-1 class agrees with PyTorch on {agree}/{total}{where} of {source}; measure accuracy with `lcdistill eval`")
 
 
 def _run_data(folder: Path) -> str | None:

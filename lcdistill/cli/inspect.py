@@ -18,21 +18,20 @@ from lcdistill.runfolder import RunFolder
 def list_recipes():
     """List the shipped student recipes."""
     from lcdistill import models, recipe as recipes
-    from lcdistill.models import params
-
-    from lcdistill.models import segmentation
 
     table = Table(title="shipped recipes (use --student NAME)")
-    for col in ("name", "model", "method", "epochs", "params (1000 classes)"):
+    for col in ("name", "model", "method", "epochs", "params (classes)"):
         table.add_column(col, no_wrap=col in ("name", "model"))
     for name, path in recipes.list_recipes().items():
         r = recipes.build([recipes.read_yaml(path)])
         s = r["student"]
         spec = s["name"] if s["source"] == "auto" else f"{s['source']}:{s['name']}"
-        dense = segmentation.parse(spec)  # segmentation students count at VOC's 21 classes
-        arch = {**dense, "kwargs": s["kwargs"]} if dense else {"source": models.resolve_source(s["source"], s["name"]), "name": s["name"], "kwargs": s["kwargs"]}
-        n = params(models.build(arch, 21 if dense else 1000))
-        table.add_row(name, f"{arch['source']}:{arch['name']}", r["method"], str(r["schedule"]["epochs"]), f"{n / 1e6:.2f}M" + (" (21)" if dense else ""))
+        found = models.parse(spec, r["task"] if r["task"] != "auto" else None)
+        if found is None:
+            raise models.families()[0].unknown(spec)
+        family, arch = found
+        n = models.params(family.build({**arch, "kwargs": s["kwargs"]}, family.count_classes))  # at the classes its family counts (ImageNet's, VOC's)
+        table.add_row(name, family.spec_of(arch), r["method"], str(r["schedule"]["epochs"]), f"{n / 1e6:.2f}M ({family.count_classes})")
     console_for().print(table)
 
 

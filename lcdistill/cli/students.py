@@ -23,7 +23,7 @@ def students(
     repeats: int = typer.Option(20, "--repeats", help="Timed batch-1 calls per candidate (the median is shown)."),
     json_out: bool = JsonObjectOpt,
 ):
-    """The shipped recipes and small timm/torchvision families: params, FLOPs and batch-1 latency here, fastest first."""
+    """The shipped recipes and small models of the data's task: params, FLOPs and batch-1 latency here, fastest first."""
     import torch
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -40,7 +40,7 @@ def students(
         raise UserError(f"--repeats {repeats} is below 1", "pass --repeats 20 or so")
     task = tasks.for_data("auto", data)
     splits = task.scan(data, check=False)
-    cands = survey.candidates(model, task.name)
+    cands = survey.candidates(model, task)
     why = "--input-size"
     if input_size is None:
         teacher_meta = _run_meta(teacher)

@@ -9,6 +9,8 @@
     digits           `write_digits`, the bundled digits as an ImageFolder
     scenes           `write_digit_scenes`, digits pasted on backgrounds as a VOC segmentation set
     segmentation     segmentation sets (VOC or train/images + train/masks): `scan_segmentation`, `SegmentationDataset`
+    crops            `write_digit_crops`, digits at random scale and place on noisy backgrounds as an ImageFolder
+    detection        detection sets (VOC, COCO, YOLO; readers in det_layouts and det_coco): `scan_detection`, `DetectionDataset`
 """
 
 from lcdistill.data.digits import write_digits

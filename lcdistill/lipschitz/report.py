@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lcdistill import methods, recipe as recipes
+from lcdistill import methods, models, recipe as recipes, tasks
+from lcdistill.artifacts import identify
 from lcdistill.data import eval_loader, normalize
 from lcdistill.errors import UserError
 from lcdistill.lipschitz.bounds import network_upper_bound
@@ -143,9 +144,6 @@ def for_target(target: str, data: str, device, teacher: str | None = None, teach
                batches: int = 4, batch_size: int = 64, min_stride: int = 4) -> dict:
     """`lcdistill lipschitz TARGET --data DIR`: a run folder, student file or model name, beside the
     teacher named (or the run's own, whose trained connectors are then measured too)."""
-    from lcdistill import models, tasks
-    from lcdistill.artifacts import identify
-
     artifact = identify(target, accept=("run", "weights")) if Path(target).exists() else None
     task = artifact.task if artifact else tasks.for_data("auto", data)
     splits = task.scan(data)

@@ -60,18 +60,10 @@ def validate(recipe: dict) -> None:
         term.validate(recipe[term.section])
 
 
-def is_dense(task) -> bool:
-    """Whether a task predicts per pixel: it says so (`dense`), or its export has height and width axes."""
-    if getattr(task, "dense", None) is not None:
-        return bool(task.dense)
-    axes = getattr(getattr(task, "export", None), "dynamic_axes", None) or {}
-    return {"height", "width"} <= set(axes.values())
-
-
 def build(recipe: dict, task, student, teacher, student_cfg: dict, teacher_cfg: dict | None) -> Distiller:
     """The Distiller of recipe['method']; each term gets its own recipe section, and sees the terms
     built before it (ctx.peers)."""
-    ctx = Context(student, teacher, task, dense=is_dense(task), input_size=recipe["data"]["input_size"])
+    ctx = Context(student, teacher, task, input_size=recipe["data"]["input_size"])
     terms = []
     for t in terms_of(recipe["method"]):
         terms.append(t(recipe[t.section], ctx))
@@ -85,4 +77,4 @@ def describe_methods() -> list[tuple[str, str]]:
 
 
 __all__ = ["ALIASES", "LOGIT_TERMS", "METHODS", "TERMS", "Context", "Distiller", "Step", "Term", "build", "describe_methods",
-           "is_dense", "needs_teacher", "sections", "terms_of", "validate"]
+           "needs_teacher", "sections", "terms_of", "validate"]

@@ -1,7 +1,8 @@
 """Distiller and Term: a method is the task's supervised loss plus a sum of named terms.
 
-Distiller(student, teacher, task, terms).forward(images, targets) -> (prediction, {"ce": .., "kd": .., "lip": ..});
-the trainer sums the dict and knows nothing of any term. The teacher is held, not registered: it is
+Distiller(student, teacher, task, terms).forward(batch) -> (student outputs, {"ce": .., "kd": .., "lip": ..});
+the task runs each model on the batch (tasks.base.Outputs), the trainer sums the dict and knows
+nothing of any term. The teacher is held, not registered: it is
 never trained, saved in checkpoints, moved by the optimizer or wrapped by DDP, so the distiller's
 own parameters are exactly what trains (the student, then each term's extras such as connectors).
 """
@@ -14,18 +15,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from lcdistill.data import normalize
 from lcdistill.errors import UserError
+from lcdistill.models.taps import FeatureTap
+from lcdistill.tasks import Batch, LogitView, Outputs
 
 
 @dataclass
 class Step:
     """What one training step offers the terms."""
 
-    student: torch.Tensor  # the student's prediction tensor (classes along class_dim)
-    teacher: torch.Tensor | None  # the teacher's, computed without gradient
-    targets: torch.Tensor
-    class_dim: int
+    student: LogitView  # the student's class scores (and which positions carry a label), as the task gives them
+    teacher: LogitView | None  # the teacher's, computed without gradient
+    batch_size: int
     progress: float  # epochs done (fractional): for loss warm-ups
     student_features: dict[str, torch.Tensor] = field(default_factory=dict)  # tapped module outputs by path
     teacher_features: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -38,8 +39,7 @@ class Context:
 
     student: nn.Module
     teacher: nn.Module | None
-    task: Any
-    dense: bool = False  # the task predicts per pixel (N, C, H, W)
+    task: Any  # its `dense` says whether predictions are per position (N, C, H, W)
     input_size: int | None = None  # square side the student is trained at (None: not known)
     peers: dict[str, Any] = field(default_factory=dict)  # the method's terms built so far, by name
 
@@ -120,8 +120,6 @@ class Distiller(nn.Module):
     def taps(self):
         """Forward hooks on the module paths the terms read; a distiller built only to load a run's
         method state (lcdistill lipschitz) never trains, so never hooks the models."""
-        from lcdistill.models.taps import FeatureTap
-
         if self._taps is None:
             hook = lambda model, names: FeatureTap(model, names) if names else None  # noqa: E731
             self._taps = (hook(self.student, [n for t in self.terms for n in t.student_taps()]),
@@ -167,28 +165,22 @@ class Distiller(nn.Module):
                                 "start the run again, or finish it with the lcdistill version that began it") from None
 
     # ---- one step -----------------------------------------------------------------------
-    def student_forward(self, images: torch.Tensor):
-        return self.student(normalize(images, *self.student_stats))
-
-    def teacher_forward(self, images: torch.Tensor):
-        with torch.no_grad():
-            return self.teacher(normalize(images, *self.teacher_stats))
-
-    def forward(self, images: torch.Tensor, targets: torch.Tensor | None = None):
-        student_tap, teacher_tap = self.taps() if targets is not None else (None, None)
-        raw = self.student_forward(images)
-        prediction = self.task.prediction(raw)
-        if targets is None:
-            return prediction, {}
-        losses = {"ce": self.ce_weight * self.task.loss(raw, targets, self.loss_settings)}
-        if not self.terms:
-            return prediction, losses
-        teacher = self.task.prediction(self.teacher_forward(images)) if self.teacher is not None else None
-        step = Step(prediction, teacher, targets, self.task.class_dim, self.progress,
-                    self._features(student_tap), self._features(teacher_tap))
+    def forward(self, batch: Batch) -> tuple[Outputs, dict[str, torch.Tensor]]:
+        """The student's outputs and the method's named losses (none for a batch without targets)."""
+        training = batch.targets is not None
+        student_tap, teacher_tap = self.taps() if training else (None, None)
+        out = self.task.forward(self.student, batch, self.student_stats, self.loss_settings if training else None)
+        losses = {name: self.ce_weight * value for name, value in out.losses.items()}
+        if not training or not self.terms:
+            return out, losses
+        teacher = None
+        if self.teacher is not None:
+            with torch.no_grad():
+                teacher = self.task.forward(self.teacher, batch, self.teacher_stats).logits
+        step = Step(out.logits, teacher, len(batch), self.progress, self._features(student_tap), self._features(teacher_tap))
         for term in self.terms:
             losses.update(term(step))
-        return prediction, losses
+        return out, losses
 
     @staticmethod
     def _features(tap) -> dict[str, torch.Tensor]:

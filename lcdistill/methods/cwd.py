@@ -4,7 +4,7 @@ ChannelWiseDivergence computes it.
 Each channel of a (N, C, H, W) map becomes a distribution over its H*W positions (softmax at
 temperature T); the loss is KL(teacher || student) summed over positions, summed over channels
 and samples, divided by N * C, times T^2. Applied to the prediction (classes as channels). A
-classification prediction (N, C) has no positions to normalise over: the term refuses it at build.
+prediction of one score per class per image (N, C) has no positions to normalise over: the term refuses it at build.
 """
 
 from __future__ import annotations
@@ -41,19 +41,18 @@ class CWD(Term):
 
     def __init__(self, settings, ctx):
         super().__init__(settings, ctx)
-        if not ctx.dense:
-            task = getattr(ctx.task, "name", "this task")
-            raise UserError(f"method cwd needs dense (N, C, H, W) predictions, and {task} predicts one score per class per image",
-                            "use a logit term (kd, dkd or dist) for classification, or cwd with --task segmentation")
+        if not ctx.task.dense:
+            raise UserError(f"method cwd needs dense (N, C, H, W) predictions, and {ctx.task.name} predicts one score per class per image",
+                            "use a logit term (kd, dkd or dist) here, or cwd on a task with per-pixel predictions")
         self.weight = float(settings["weight"])
         self.temperature = float(settings["temperature"])
 
     def forward(self, step):
         if self.weight == 0:
             return {}
-        student, teacher = step.student, step.teacher
-        if step.class_dim not in (1, -3):
-            student, teacher = student.movedim(step.class_dim, 1), teacher.movedim(step.class_dim, 1)
+        student, teacher, class_dim = step.student.scores, step.teacher.scores, step.student.class_dim
+        if class_dim not in (1, -3):
+            student, teacher = student.movedim(class_dim, 1), teacher.movedim(class_dim, 1)
         if teacher.shape[-2:] != student.shape[-2:]:
             teacher = F.interpolate(teacher.float(), size=student.shape[-2:], mode="bilinear", align_corners=False)
         return {"cwd": self.weight * cwd_loss(student, teacher, self.temperature)}

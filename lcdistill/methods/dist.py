@@ -65,6 +65,6 @@ class DIST(Term):
     def forward(self, step):
         if self.weight == 0:
             return {}
-        inter, intra = dist_parts(step.student, step.teacher, self.tau, step.class_dim)
+        inter, intra = dist_parts(step.student.scores, step.teacher.scores, self.tau, step.student.class_dim)
         self.stats["dist_inter"], self.stats["dist_intra"] = inter.detach(), intra.detach()
         return {"dist": self.weight * (self.beta * inter + self.gamma * intra)}

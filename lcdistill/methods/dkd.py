@@ -11,7 +11,7 @@ before any exp. mdistiller masks the target logit with -1000 and takes log(softm
 inf once a softmax saturates, and its masks break when logits / T exceed ~1000. Here both parts
 stay finite for any finite logits and any number of classes >= 2 (with two classes the non-target
 distribution is a single certain class, and NCKD is exactly 0). Dense predictions (N, C, H, W) are
-distilled per pixel over the pixels with a label (targets != 255).
+distilled per position over the positions the task marks valid.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ from __future__ import annotations
 import torch
 
 from lcdistill.methods.base import Term
-from lcdistill.methods.kd import IGNORE_INDEX, resize_targets
 
 
 def rows(logits: torch.Tensor, class_dim: int) -> torch.Tensor:
@@ -57,18 +56,19 @@ def dkd_parts(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target
     return tckd, nckd
 
 
-def dkd_loss(student_logits, teacher_logits, targets, alpha: float, beta: float, temperature: float,
-             class_dim: int = 1) -> torch.Tensor:
-    """alpha * TCKD + beta * NCKD; dense predictions per labelled pixel."""
+def dkd_loss(student_logits, teacher_logits, labels, alpha: float, beta: float, temperature: float,
+             class_dim: int = 1, valid=None) -> torch.Tensor:
+    """alpha * TCKD + beta * NCKD; labels per sample, or per position of a dense prediction (at its
+    spatial size), where only the valid positions count."""
     s, t = rows(student_logits, class_dim), rows(teacher_logits, class_dim)
     if student_logits.dim() > 2:
-        y = resize_targets(targets, student_logits.movedim(class_dim, -1).shape[1:-1]).reshape(-1)
-        keep = y != IGNORE_INDEX
+        y = labels.reshape(-1)
+        keep = valid.reshape(-1) if valid is not None else torch.ones_like(y, dtype=torch.bool)
         s, t, y = s[keep], t[keep], y[keep]
         if y.numel() == 0:
             return student_logits.sum() * 0.0
     else:
-        y = targets.reshape(-1)
+        y = labels.reshape(-1)
     tckd, nckd = dkd_parts(s, t, y, temperature)
     return alpha * tckd + beta * nckd
 
@@ -104,5 +104,6 @@ class DKD(Term):
         if not (self.alpha or self.beta):
             return {}
         ramp = min(1.0, step.progress / self.warmup_epochs) if self.warmup_epochs > 0 else 1.0
-        loss = dkd_loss(step.student, step.teacher, step.targets, self.alpha, self.beta, self.temperature, step.class_dim)
+        s, t = step.student, step.teacher
+        loss = dkd_loss(s.scores, t.scores, s.labels, self.alpha, self.beta, self.temperature, s.class_dim, s.valid)
         return {"dkd": ramp * loss}

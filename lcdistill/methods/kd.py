@@ -1,38 +1,21 @@
 """Soft-label knowledge distillation (Hinton et al. 2015), as timm's LogitDistillationTask computes it.
-Dense predictions (N, C, H, W) are distilled per pixel, over the labelled pixels."""
+Dense predictions (N, C, H, W) are distilled per position, over the positions the task marks valid."""
 
-import torch
 import torch.nn.functional as F
 
 from lcdistill.methods.base import Term
 
-IGNORE_INDEX = 255  # unlabelled pixels of dense targets
-
-
-def resize_targets(targets: torch.Tensor, size) -> torch.Tensor:
-    """Dense targets (N, H, W) at a prediction's spatial size (nearest neighbour when it differs)."""
-    if tuple(targets.shape[-2:]) == tuple(size):
-        return targets
-    return F.interpolate(targets[:, None].float(), size=tuple(size), mode="nearest")[:, 0].long()
-
-
-def labelled(targets: torch.Tensor, size) -> torch.Tensor:
-    """Which pixels of a prediction of spatial size `size` have a label (targets != 255)."""
-    return resize_targets(targets, size) != IGNORE_INDEX
-
-
-def kd_loss(student_logits, teacher_logits, temperature: float, class_dim: int = -1, targets=None):
+def kd_loss(student_logits, teacher_logits, temperature: float, class_dim: int = -1, valid=None):
     """KL(teacher || student) of the softmax over the class dimension at temperature T, times T^2,
-    averaged over the batch; for a dense prediction, the KL per pixel averaged over the labelled
-    pixels (all pixels when no targets are given)."""
+    averaged over the batch; for a dense prediction, the KL per position averaged over the valid
+    positions (a bool mask at the prediction's spatial size; all positions when None)."""
     log_s = F.log_softmax(student_logits.float() / temperature, dim=class_dim)
     log_t = F.log_softmax(teacher_logits.float() / temperature, dim=class_dim)
     if log_s.dim() <= 2:
         return F.kl_div(log_s, log_t, reduction="batchmean", log_target=True) * temperature**2
     per_pixel = (log_t.exp() * (log_t - log_s)).sum(dim=class_dim)
-    if targets is None:
+    if valid is None:
         return per_pixel.mean() * temperature**2
-    valid = labelled(targets, per_pixel.shape[-2:])
     return (per_pixel * valid).sum() / valid.sum().clamp_min(1) * temperature**2
 
 
@@ -44,7 +27,7 @@ class KD(Term):
         "temperature": 4.0,
     }
     paper = "Hinton et al., Distilling the Knowledge in a Neural Network, 2015"
-    summary = "soft-label KL between teacher and student at temperature T (per labelled pixel on dense tasks)"
+    summary = "soft-label KL between teacher and student at temperature T (per labelled position on dense tasks)"
 
     @classmethod
     def validate(cls, settings: dict) -> None:
@@ -58,6 +41,5 @@ class KD(Term):
     def forward(self, step):
         if self.weight == 0:
             return {}
-        if step.student.dim() > 2:
-            return {"kd": self.weight * kd_loss(step.student, step.teacher, self.temperature, step.class_dim, step.targets)}
-        return {"kd": self.weight * kd_loss(step.student, step.teacher, self.temperature, step.class_dim)}
+        s, t = step.student, step.teacher
+        return {"kd": self.weight * kd_loss(s.scores, t.scores, self.temperature, s.class_dim, s.valid)}

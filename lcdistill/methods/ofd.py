@@ -135,4 +135,4 @@ class OFD(Term):
         if not self.weight:
             return {}
         loss = sum(partial_l2(s, t, m) / d for s, t, m, d in zip(connected, teacher, self.margins(), self.divisors))
-        return {"ofd": self.weight * loss / step.student.shape[0]}
+        return {"ofd": self.weight * loss / step.batch_size}

@@ -1,21 +1,23 @@
-"""Resolve a model name, run folder or weights file to a module and its data config; find its stages.
+"""Models: resolve a name, run folder or weights file to a module and its data config; find its stages.
 
-Sources: timm (`timm:NAME`), torchvision (`tv:NAME`), a bare NAME (timm first, then
-torchvision), a run folder written by lcdistill, or a weights file.
-
-hub: which library builds a name, pretrained weights (offline-safe). factory: build() the module with a
-head of num_classes, load_into, data_config, params. runs: Loaded, resolve/rebuild, run folders
-and student files. stages/probe: stage discovery and pairing for LONDON. taps: FeatureTap.
+loaded: Loaded and the weights-file loader (no family, no task). registry: the per-task family registry
+(parse a name, build, data config, stages, Hub card code). classifiers, segmentation: the families,
+registered on import. hub: which library builds a name, pretrained weights (offline-safe). runs:
+run folders and student files as models, resolve/rebuild. stages/probe: stage discovery and pairing
+for LONDON. taps: FeatureTap.
 """
 
-from lcdistill.models.factory import build, data_config, load_into, params
+from lcdistill.models import classifiers, segmentation  # noqa: F401  (each registers its family)
+from lcdistill.models.classifiers import data_config
+from lcdistill.models.registry import build, families, family_of, parse
 from lcdistill.models.hub import resolve_source, torchvision_names
-from lcdistill.models.runs import Loaded, is_run, load_run, model_meta, read_meta, rebuild, resolve
+from lcdistill.models.loaded import Loaded, load_into, params
+from lcdistill.models.runs import is_run, load_run, model_meta, read_meta, rebuild, resolve
 from lcdistill.models.stages import Stage, describe_pairs, describe_stages, find_stages, pair_stages, probe_modules
 from lcdistill.models.taps import FeatureTap
 
 __all__ = [
-    "Loaded", "resolve", "rebuild", "load_run", "build", "is_run", "read_meta", "model_meta", "data_config",
-    "resolve_source", "load_into", "torchvision_names", "params",
+    "Loaded", "resolve", "rebuild", "load_run", "build", "is_run", "read_meta", "model_meta", "data_config", "families", "family_of",
+    "parse", "resolve_source", "load_into", "torchvision_names", "params",
     "Stage", "find_stages", "probe_modules", "pair_stages", "describe_pairs", "describe_stages", "FeatureTap",
 ]

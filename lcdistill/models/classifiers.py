@@ -1,18 +1,28 @@
-"""Build an architecture with a head of num_classes, load weights into it, read its data config."""
+"""Image classifiers: timm's and torchvision's, by name (`timm:NAME`, `tv:NAME`, or a bare NAME: timm
+first, then torchvision), built with a head of the data's classes. Registers the classifier family."""
 
 from __future__ import annotations
 
+import textwrap
+
 import timm
-import torch
 import torchvision
 from torch import nn
 
 from lcdistill.errors import UserError
-from lcdistill.models.hub import timm_pretrained_kwargs, tv_pretrained_weights
+from lcdistill.models.registry import Family, register
+from lcdistill.models.hub import resolve_source, timm_pretrained_kwargs, torchvision_names, tv_pretrained_weights
+from lcdistill.specs import split_source
 
+REPO_PLACEHOLDER = "ORG/NAME"  # the card's repo id until `lcdistill push` writes the real one (hubfolder)
 
-def params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
+# Small timm and torchvision families, one or two sizes each (`lcdistill students`; shipped recipes come on top).
+CURATED: tuple[tuple[str, str], ...] = (
+    ("timm", "mobilenetv2_050"), ("timm", "mobilenetv2_100"), ("timm", "mobilenetv3_small_100"), ("timm", "mobilenetv3_large_100"),
+    ("timm", "efficientnet_b0"), ("timm", "efficientnet_lite0"), ("timm", "ghostnet_100"), ("timm", "regnetx_002"),
+    ("timm", "regnetx_004"), ("timm", "resnet18"), ("timm", "convnext_atto"), ("timm", "mobileone_s0"),
+    ("tv", "mobilenet_v3_small"), ("tv", "mobilenet_v3_large"),
+)
 
 
 def _replace_tv_head(model: nn.Module, num_classes: int) -> None:
@@ -39,69 +49,6 @@ def _init_head(model: nn.Module) -> None:
             nn.init.zeros_(head.bias)
 
 
-def build(arch: dict, num_classes: int, pretrained: bool = False, flag: str = "--weights") -> nn.Module:
-    """Construct the architecture with a head of num_classes; optional hub weights (head re-initialised)."""
-    from lcdistill.models import segmentation
-
-    if segmentation.is_arch(arch):  # smp:Arch:encoder and torchvision's segmentation models
-        return segmentation.build(arch, num_classes, pretrained, flag)
-    source, name, kwargs = arch["source"], arch["name"], dict(arch.get("kwargs") or {})
-    try:
-        if source == "timm":
-            extra = timm_pretrained_kwargs(name, flag) if pretrained else {}
-            model = timm.create_model(name, num_classes=num_classes, **extra, **kwargs)
-        elif pretrained:
-            model = torchvision.models.get_model(name, weights=tv_pretrained_weights(name, flag), **kwargs)
-            if num_classes != 1000:
-                _replace_tv_head(model, num_classes)
-        else:
-            model = torchvision.models.get_model(name, num_classes=num_classes, **kwargs)
-    except TypeError as e:
-        raise UserError(f"cannot build {source}:{name} with {kwargs} ({e})", "check student.kwargs in the recipe") from None
-    if not (pretrained and num_classes == 1000):  # keep a pretrained ImageNet head
-        _init_head(model)
-    return model
-
-
-def load_into(model: nn.Module, state: dict[str, torch.Tensor], what: str, num_classes: int, keep_head: bool = True) -> None:
-    """Load a state dict, turning a classifier-size mismatch into the 'train it first' advice.
-
-    keep_head=False (a student being fine-tuned) keeps the new head instead of the file's."""
-    own = model.state_dict()
-    mismatched = [k for k in state if k in own and own[k].shape != state[k].shape]
-    head_only = bool(mismatched) and all(state[k].shape[0] != own[k].shape[0] and own[k].shape[0] == num_classes for k in mismatched)
-    if head_only and not keep_head:
-        state = {**{k: v for k, v in state.items() if k not in mismatched}, **{k: own[k] for k in mismatched}}
-        mismatched = []
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    if mismatched and head_only:
-        got = state[mismatched[0]].shape[0]
-        raise UserError(
-            f"{what} has {got} classes but the data has {num_classes}",
-            "fine-tune it on this data first with `lcdistill train --model NAME --data DIR` and pass that run folder",
-        )
-    if mismatched or missing or unexpected:
-        first = (mismatched or missing or unexpected)[0]
-        raise UserError(
-            f"{what} does not fit the architecture (key '{first}': {len(mismatched)} mismatched, {len(missing)} missing, {len(unexpected)} unexpected)",
-            "pass weights saved from the same architecture",
-        )
-    model.load_state_dict(state)
-
-
-
-def from_weights_file(arch: dict, num_classes: int, weights: str, keep_head: bool, label: str) -> tuple[nn.Module, str, dict]:
-    """(model, origin, rebuild spec) of an architecture loaded from a local weights file."""
-    from pathlib import Path
-
-    from lcdistill.checkpoint import load_weights
-
-    model = build(arch, num_classes)
-    load_into(model, load_weights(Path(weights)), f"weights file {weights}", num_classes, keep_head)
-    return model, f"{label} + {weights}", {**arch, "weights": str(Path(weights).resolve())}
-
-
 def data_config(model: nn.Module) -> dict:
     """mean/std/input size/interpolation/crop_pct from timm's pretrained_cfg (torchvision gets timm's ImageNet defaults)."""
     from timm.data import resolve_data_config
@@ -114,3 +61,115 @@ def data_config(model: nn.Module) -> dict:
         "interpolation": cfg.get("interpolation", "bilinear"),
         "crop_pct": float(cfg.get("crop_pct", 0.875)),
     }
+
+
+class Classifiers(Family):
+    name = "classifier"
+    task = "classification"
+    hint = "pass a classifier: a timm or torchvision classifier name, or a run of `lcdistill train` on class folders"
+    count_classes = 1000
+    curated = CURATED
+
+    def parse(self, spec: str) -> dict | None:
+        source, name = split_source(spec)
+        known = timm.is_model(name) or name in torchvision_names()
+        if source == "tv" and name not in torchvision_names():
+            return None  # torchvision's segmentation and detection models are other families'
+        if source == "auto" and not known:
+            return None
+        return {"source": resolve_source(source, name), "name": name, "kwargs": {}}
+
+    def owns(self, arch: dict) -> bool:
+        return arch.get("source") == "timm" or (arch.get("source") == "tv" and arch.get("name") in torchvision_names())
+
+    def unknown(self, spec: str) -> UserError:
+        try:
+            resolve_source(*split_source(spec))  # the did-you-mean error
+        except UserError as e:
+            return e
+        return super().unknown(spec)
+
+    def build(self, arch: dict, num_classes: int, pretrained: bool = False, flag: str = "--weights") -> nn.Module:
+        """Construct the architecture with a head of num_classes; optional hub weights (head re-initialised)."""
+        source, name, kwargs = arch["source"], arch["name"], dict(arch.get("kwargs") or {})
+        try:
+            if source == "timm":
+                extra = timm_pretrained_kwargs(name, flag) if pretrained else {}
+                model = timm.create_model(name, num_classes=num_classes, **extra, **kwargs)
+            elif pretrained:
+                model = torchvision.models.get_model(name, weights=tv_pretrained_weights(name, flag), **kwargs)
+                if num_classes != 1000:
+                    _replace_tv_head(model, num_classes)
+            else:
+                model = torchvision.models.get_model(name, num_classes=num_classes, **kwargs)
+        except TypeError as e:
+            raise UserError(f"cannot build {source}:{name} with {kwargs} ({e})", "check student.kwargs in the recipe") from None
+        if not (pretrained and num_classes == 1000):  # keep a pretrained ImageNet head
+            _init_head(model)
+        return model
+
+    def data_config(self, model: nn.Module) -> dict:
+        return data_config(model)
+
+    def check_head(self, arch: dict, num_classes: int, flag: str) -> None:
+        if num_classes != 1000:
+            spec = self.spec_of(arch)
+            raise UserError(
+                f"{spec} comes with 1000 ImageNet classes but the data has {num_classes}",
+                f"pass {flag} FILE with weights for these {num_classes} classes, or fine-tune it on this data first"
+                f" with `lcdistill train --model {spec} --pretrained --data DIR` and pass that run folder",
+            )
+
+    def hub_kind(self, arch: dict) -> str:
+        return {"timm": "timm", "tv": "tv"}[arch["source"]]
+
+    def plain_usage(self, meta: dict) -> str:
+        """How timm or torchvision loads the Hub folder, in code a user can paste."""
+        arch, n, size = meta["arch"], meta["num_classes"], meta["input_size"][-1]
+        if arch["source"] == "timm":
+            return textwrap.dedent(f"""\
+                With [timm](https://github.com/huggingface/pytorch-image-models) (config.json carries the classes and the preprocessing):
+
+                ```python
+                import timm, torch
+                from PIL import Image
+
+                model = timm.create_model("hf-hub:{REPO_PLACEHOLDER}", pretrained=True).eval()
+                # or from this folder on disk: timm.create_model("local-dir:PATH/TO/THIS/FOLDER", pretrained=True)
+                transform = timm.data.create_transform(**timm.data.resolve_data_config({{}}, model=model))
+                with torch.no_grad():
+                    logits = model(transform(Image.open("image.png").convert("RGB")).unsqueeze(0))
+                print(model.pretrained_cfg["label_names"][logits.argmax(1).item()])
+                ```
+                """)
+        mean, std, crop = meta["mean"], meta["std"], float(meta.get("crop_pct", 0.875))
+        interp = meta.get("interpolation", "bilinear").upper()
+        prep = textwrap.dedent(f"""\
+            transform = T.Compose([T.Resize({int(size / crop)}, interpolation=T.InterpolationMode.{interp}), T.CenterCrop({size}),
+                                   T.ToTensor(), T.Normalize({mean}, {std})])""")
+        kwargs = "".join(f", {k}={v!r}" for k, v in (arch.get("kwargs") or {}).items())
+        return textwrap.dedent(f"""\
+            With [torchvision](https://pytorch.org/vision/) (timm cannot build torchvision architectures; config.json
+            names the architecture, the classes and the preprocessing):
+
+            ```python
+            import json, torch, torchvision
+            import torchvision.transforms as T
+            from huggingface_hub import snapshot_download
+            from PIL import Image
+            from safetensors.torch import load_file
+
+            folder = snapshot_download("{REPO_PLACEHOLDER}")  # or the path of this folder on disk
+            model = torchvision.models.get_model("{arch['name']}", num_classes={n}{kwargs})
+            model.load_state_dict(load_file(f"{{folder}}/model.safetensors"))
+            model.eval()
+            labels = json.load(open(f"{{folder}}/config.json"))["label_names"]
+            """) + prep + "\n" + textwrap.dedent("""\
+            with torch.no_grad():
+                logits = model(transform(Image.open("image.png").convert("RGB")).unsqueeze(0))
+            print(labels[logits.argmax(1).item()])
+            ```
+            """)
+
+
+CLASSIFIERS = register(Classifiers())

@@ -34,11 +34,15 @@ import torch
 from torch import nn
 
 from lcdistill.errors import UserError
+from lcdistill.models.registry import Family, register
+from lcdistill.models.hub import _offline_error, _reachable
+from lcdistill.models.probe import ProbeResult, Stage, probe_twice
+from lcdistill.models.taps import unwrap
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
 DEFAULT_SIZE = 512
-NAME_HINT = "name a segmentation model: tv:lraspp_mobilenet_v3_large, tv:fcn_resnet50, tv:deeplabv3_resnet50 or smp:<Arch>:<encoder> such as smp:DeepLabV3Plus:mobilenet_v2"
+NAME_HINT = "pass a model with a dense (per-pixel) output: tv:lraspp_mobilenet_v3_large, tv:fcn_resnet50, tv:deeplabv3_resnet50 or smp:<Arch>:<encoder> such as smp:DeepLabV3Plus:mobilenet_v2"
 
 
 @lru_cache(maxsize=1)
@@ -46,11 +50,6 @@ def tv_names() -> tuple[str, ...]:
     import torchvision
 
     return tuple(torchvision.models.list_models(module=torchvision.models.segmentation))
-
-
-def is_arch(arch: dict) -> bool:
-    """Whether an arch dict ({"source", "name", "kwargs"}) is a segmentation model this module builds."""
-    return arch.get("source") == "smp" or (arch.get("source") == "tv" and arch.get("name") in tv_names())
 
 
 def parse(spec: str) -> dict | None:
@@ -104,8 +103,6 @@ def _check_smp_name(name: str) -> None:
 
 def _pretrained_smp(name: str, flag: str) -> object:
     """encoder_weights for smp.create_model, once the hub is reachable (else the offline error)."""
-    from lcdistill.models.hub import _offline_error, _reachable
-
     _, encoder = _smp_parts(name)
     if not _reachable("huggingface.co"):
         raise _offline_error(f"smp:{name}", flag)
@@ -118,8 +115,6 @@ def _pretrained_tv(name: str, num_classes: int, flag: str) -> dict:
     from pathlib import Path
 
     import torchvision
-
-    from lcdistill.models.hub import _offline_error, _reachable
 
     builder = torchvision.models.get_model_builder(name)
     if num_classes == 21:
@@ -171,34 +166,6 @@ def data_config(input_size: int = DEFAULT_SIZE) -> dict:
             "interpolation": "bilinear", "crop_pct": 1.0}
 
 
-def resolve(spec: str, num_classes: int, weights: str | None = None, pretrained: bool = True, flag: str = "--teacher-weights",
-            kwargs: dict | None = None, keep_head: bool = True):
-    """A segmentation model by name (+ a weights file, or hub weights) as a models.Loaded; None when
-    spec names no segmentation model (the caller goes on to classifiers, run folders and files)."""
-    from lcdistill.models.factory import from_weights_file
-    from lcdistill.models.runs import Loaded
-
-    arch = parse(spec)
-    if arch is None:
-        return None
-    arch["kwargs"] = dict(kwargs or {})
-    if arch["source"] == "smp":
-        _check_smp_name(arch["name"])
-    if weights:
-        model, origin, rebuild = from_weights_file(arch, num_classes, weights, keep_head, spec_of(arch))
-    else:
-        if pretrained and keep_head and not (arch["source"] == "tv" and num_classes == 21):
-            raise UserError(
-                f"{spec_of(arch)} has no trained segmentation head for the data's {num_classes} classes",
-                f"pass {flag} FILE with weights for these classes, or train it on this data first"
-                f" with `lcdistill train --model {spec_of(arch)} --data DIR` and pass that run folder",
-            )
-        model = build(arch, num_classes, pretrained=pretrained, flag=flag)
-        origin = spec_of(arch) + (" (pretrained)" if pretrained else "")
-        rebuild = {**arch, "pretrained": pretrained}
-    return Loaded(model, arch, num_classes, data_config(), origin, rebuild)
-
-
 # ---- stages for LONDON: inside the encoder, dilation counted as stride ----------------------------
 def encoder_of(model: nn.Module) -> tuple[str, nn.Module] | None:
     """(path, module) of a segmentation model's encoder: torchvision's `backbone`, smp's `encoder`."""
@@ -238,9 +205,6 @@ def encoder_stages(model: nn.Module, probe_size: int = 224):
     stage at 16) turn stride into dilation; counting each block's largest dilation so far as stride
     keeps one stage per depth, so layer3 and layer4 stay apart and pairing by stride pairs by depth.
     None for a model that is not a segmentation model."""
-    from lcdistill.models.probe import ProbeResult, Stage, probe_twice
-    from lcdistill.models.taps import unwrap
-
     found = encoder_of(unwrap(model))
     if found is None:
         return None
@@ -271,3 +235,98 @@ def encoder_stages(model: nn.Module, probe_size: int = 224):
         real = probe.stages[name].stride
         stages.append(Stage(f"{path}.{name}", probe.stages[name].channels, stride, real if real != stride else None))
     return stages
+
+
+# ---- the Hub folder's card: building the model with torchvision or smp alone ------------------------
+def plain_usage(meta: dict) -> str:
+    """How torchvision or segmentation_models_pytorch builds the student without lcdistill (as `build` does)."""
+    import inspect
+    import textwrap
+
+    import torchvision
+
+    arch, n = meta["arch"], meta["num_classes"]
+    kwargs = dict(arch.get("kwargs") or {})
+    size = meta["input_size"][-1]
+    extra = lambda: "".join(f", {k}={v!r}" for k, v in kwargs.items())  # noqa: E731
+    if arch["source"] == "tv":
+        try:
+            if "aux_loss" in inspect.signature(torchvision.models.get_model_builder(arch["name"])).parameters:
+                kwargs.setdefault("aux_loss", True)  # the saved weights hold the auxiliary head lcdistill trained
+        except ValueError:
+            return ""
+        build = (f"import torchvision\nmodel = torchvision.models.get_model(\"{arch['name']}\", num_classes={n}, weights=None, "
+                 f"weights_backbone=None{extra()})")
+        call, library = 'model(x)["out"]', "torchvision"
+    else:
+        model_arch, _, encoder = arch["name"].partition(":")
+        build = (f"import segmentation_models_pytorch as smp\nmodel = smp.create_model(\"{model_arch}\", encoder_name=\"{encoder}\", "
+                 f"encoder_weights=None, classes={n}{extra()})")
+        call, library = "model(x)", "segmentation_models_pytorch"
+    return textwrap.dedent(f"""\
+        With {library} alone (config.json carries the classes and the preprocessing: resize to {size}x{size}, normalise with
+        mean {meta['mean']} and std {meta['std']}):
+
+        ```python
+        import torch
+        import torch.nn.functional as F
+        from huggingface_hub import snapshot_download
+        from safetensors.torch import load_file
+        """) + build + "\n" + textwrap.dedent(f"""\
+        folder = snapshot_download("ORG/NAME")  # or the path of this folder on disk
+        model.load_state_dict(load_file(f"{{folder}}/model.safetensors"))
+        model.eval()
+        with torch.no_grad():  # x: a normalised [N, 3, H, W] batch
+            logits = F.interpolate({call}, size=x.shape[-2:], mode="bilinear", align_corners=False)  # [N, {n}, H, W]
+        ```
+
+        """)
+
+
+class SegmentationModels(Family):
+    """torchvision's segmentation models and segmentation_models_pytorch's (see the module doc)."""
+
+    name = "segmentation"
+    task = "segmentation"
+    hint = NAME_HINT
+    count_classes = 21  # VOC's
+    curated = (
+        ("tv", "lraspp_mobilenet_v3_large"), ("tv", "deeplabv3_mobilenet_v3_large"), ("smp", "DeepLabV3Plus:mobilenet_v2"),
+        ("smp", "Unet:resnet18"), ("smp", "Unet:tu-mobilenetv3_small_100"), ("smp", "FPN:efficientnet-b0"),
+    )
+
+    def parse(self, spec: str) -> dict | None:
+        arch = parse(spec)
+        if arch is not None and arch["source"] == "smp":
+            _check_smp_name(arch["name"])
+        return arch
+
+    def owns(self, arch: dict) -> bool:
+        return arch.get("source") == "smp" or (arch.get("source") == "tv" and arch.get("name") in tv_names())
+
+    def build(self, arch: dict, num_classes: int, pretrained: bool = False, flag: str = "--weights") -> nn.Module:
+        return build(arch, num_classes, pretrained, flag)
+
+    def data_config(self, model: nn.Module) -> dict:
+        return data_config()
+
+    def check_head(self, arch: dict, num_classes: int, flag: str) -> None:
+        if not (arch["source"] == "tv" and num_classes == 21):
+            spec = self.spec_of(arch)
+            raise UserError(
+                f"{spec} has no trained segmentation head for the data's {num_classes} classes",
+                f"pass {flag} FILE with weights for these classes, or train it on this data first"
+                f" with `lcdistill train --model {spec} --data DIR` and pass that run folder",
+            )
+
+    def stages(self, model: nn.Module, probe_size: int):
+        return encoder_stages(model, probe_size)
+
+    def library(self, arch: dict) -> str:
+        return "segmentation_models_pytorch" if arch["source"] == "smp" else "torchvision"
+
+    def plain_usage(self, meta: dict) -> str:
+        return plain_usage(meta)
+
+
+SEGMENTATION = register(SegmentationModels())

@@ -32,6 +32,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
+from lcdistill.models import registry
 from lcdistill.models.probe import ProbeResult, Stage, _input_channels, _param_device_dtype, check_size, named_modules, probe_forward, probe_modules, probe_twice, unique_shapes
 from lcdistill.models.taps import first_tensor, unwrap
 
@@ -77,11 +78,9 @@ def find_stages(model: nn.Module, probe_size: int = 224) -> List[Stage]:
     """
     check_size(probe_size)
     model = unwrap(model)
-    from lcdistill.models.segmentation import encoder_stages
-
-    dense = encoder_stages(model, probe_size)  # segmentation models: in the encoder only, by depth
-    if dense is not None:
-        return dense
+    declared = registry.stages(model, probe_size)  # a family that knows its stages better than a probe (encoders, by depth)
+    if declared is not None:
+        return declared
     modules = dict(model.named_modules())
     info = _feature_info_dicts(model)
     if info is not None:

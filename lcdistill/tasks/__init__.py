@@ -5,17 +5,23 @@ from __future__ import annotations
 from pathlib import Path
 
 from lcdistill.errors import UserError
-from lcdistill.tasks.base import ExportSpec, Metric, Splits, Task
+from lcdistill.tasks.base import Batch, ExportSpec, LogitView, Metric, Outputs, Splits, Task, scaled_diff
 from lcdistill.tasks.classification import Classification
 from lcdistill.tasks.segmentation import Segmentation
 
 TASKS: dict[str, Task] = {t.name: t for t in (Classification(), Segmentation())}
+LEGACY = next(iter(TASKS))  # files written before the task layer hold classifiers and name no task
 
 
 def get(name: str) -> Task:
     if name not in TASKS:
         raise UserError(f"unknown task '{name}'", f"choose auto or one of: {', '.join(TASKS)}")
     return TASKS[name]
+
+
+def of_meta(meta: dict) -> Task:
+    """The task a model's metadata (student.json, an export's) names."""
+    return get(meta.get("task") or LEGACY)
 
 
 def for_data(name: str, root: str | Path) -> Task:
@@ -28,4 +34,4 @@ def for_data(name: str, root: str | Path) -> Task:
     return next((t for t in (*others, first) if Path(root).is_dir() and t.detect(Path(root))), first)
 
 
-__all__ = ["TASKS", "ExportSpec", "Metric", "Splits", "Task", "for_data", "get"]
+__all__ = ["LEGACY", "TASKS", "Batch", "ExportSpec", "LogitView", "Metric", "Outputs", "Splits", "Task", "for_data", "get", "of_meta", "scaled_diff"]

@@ -1,8 +1,16 @@
 """The seam between the package and what a task (classification, segmentation, ...) is.
 
-A Task supplies everything that differs between tasks; nothing else in the package asks which
-task it runs. A Metric accumulates over batches, can be all-reduced under DDP, and says which
-of its values picks the best checkpoint.
+Only a task touches what goes into a model and what comes out of it. The loop, the methods, evaluate
+and export handle a `Batch` and the task's `Outputs` and never ask which task they run:
+
+    batch = task.batch(item)                       # what the loader yields, as the task collated it
+    out = task.forward(model, batch, stats, loss)  # prediction (for the metric), supervised losses,
+                                                   # the logit view logit terms read
+    metric.update(out.prediction, batch.targets); metric.sync(runtime); metric.compute()
+    task.export.example(meta) / .compare(got, reference) / .agreement(got, reference)
+
+A task also owns its model families (models.families, registered per task), its recipe defaults
+(`recipe_defaults`, laid under the user's settings) and what its run files record.
 """
 
 from __future__ import annotations
@@ -14,22 +22,73 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from lcdistill import models
+from lcdistill.data import normalize
+from lcdistill.errors import UserError
+
+
+@dataclass
+class Batch:
+    """One loader batch: images in [0, 1], the task's targets, and how many bad files each sample replaced."""
+
+    images: Any  # [N, C, H, W] tensor (a task may hold a list of tensors)
+    targets: Any
+    skipped: torch.Tensor | None = None  # per sample (zeros when the loader says nothing)
+
+    def __post_init__(self):
+        if self.skipped is None:
+            self.skipped = torch.zeros(len(self.images), dtype=torch.int64)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def to(self, device: torch.device, channels_last: bool = False) -> Batch:
+        images = self.images.to(device, non_blocking=True)
+        targets = self.targets.to(device, non_blocking=True)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return Batch(images, targets, self.skipped)
+
+
+@dataclass
+class LogitView:
+    """What logit terms (kd, dkd, dist, cwd) read of a prediction."""
+
+    scores: torch.Tensor  # class scores along class_dim
+    class_dim: int = 1
+    labels: torch.Tensor | None = None  # the label of each sample or position, at the scores' size (dkd's gold class)
+    valid: torch.Tensor | None = None  # which positions carry a label (None: all), at the scores' size
+
+
+@dataclass
+class Outputs:
+    """A model's forward pass as the task reads it."""
+
+    prediction: Any  # what the metric reads
+    losses: dict[str, torch.Tensor] = field(default_factory=dict)  # the supervised losses, unweighted (none without targets)
+    logits: LogitView | None = None
+
 
 class Metric:
-    """Accumulate per batch, all-reduce once, compute to named values (percentages)."""
+    """Accumulate per batch, sync once over DDP ranks, compute to named values (percentages)."""
 
     best: str  # the value that picks the best checkpoint (higher is better)
     columns: tuple[tuple[str, str], ...]  # (table header, value name) for the values worth a column
 
-    def update(self, prediction: torch.Tensor, targets: torch.Tensor) -> None:
+    def update(self, prediction, targets) -> None:
         raise NotImplementedError
 
-    def reduce(self, all_reduce: Callable[[torch.Tensor], None]) -> None:
-        """Sum the accumulated counts over DDP ranks (all_reduce works in place)."""
+    def sync(self, comm) -> None:
+        """Combine the ranks' states: comm.all_reduce(tensor) sums in place (counts), comm.all_gather(obj)
+        returns every rank's object (detections, which must be gathered, not averaged)."""
         raise NotImplementedError
 
     def compute(self) -> dict[str, float]:
         raise NotImplementedError
+
+    def details(self, classes: list[str]) -> dict:
+        """What eval's JSON adds beside the columns (per-class values)."""
+        return {}
 
     @property
     def count(self) -> int:
@@ -46,13 +105,36 @@ class Metric:
         return "  ".join(f"{header.removesuffix(' %')} {values[key]:.2f}" for header, key in self.columns)
 
 
+def scaled_diff(got: torch.Tensor, reference: torch.Tensor) -> float:
+    """Max |got - reference| as a fraction of the largest |reference| entry (absolute below 1): float32
+    rounding grows with the scores' scale, and dense logits reach tens."""
+    if got.shape != reference.shape or not torch.isfinite(got).all():  # nan would compare below any tolerance
+        return float("inf")
+    return (got - reference).abs().max().item() / max(1.0, reference.abs().max().item())
+
+
 @dataclass
 class ExportSpec:
-    """How an exported file is called: tensor names and which axes of them are dynamic."""
+    """How an exported file is called and checked: tensor names, which input axes are dynamic, an
+    example input, how its output is compared with PyTorch's."""
 
     input_names: list[str]
     output_names: list[str]
     dynamic_axes: dict[int, str]  # axis of the input -> its name (batch, height, width)
+    unit: str = "images"  # what one int8 agreement counts: an image's class, or a pixel's
+
+    def example(self, meta: dict, batch: int = 2, device: torch.device | str = "cpu", generator: torch.Generator | None = None):
+        """A random normalised input of `batch` images at the size meta records."""
+        return torch.randn(batch, *meta["input_size"], device=device, generator=generator)
+
+    def compare(self, got, reference) -> float:
+        """How far an exported output is from PyTorch's, as a fraction (0: equal)."""
+        return scaled_diff(got, reference)
+
+    def agreement(self, got, reference) -> tuple[int, int]:
+        """(agreeing, total) top-1 classes of an int8 output against PyTorch's."""
+        want = reference.argmax(1)
+        return int((got.argmax(1) == want).sum()), want.numel()
 
 
 @dataclass
@@ -70,6 +152,10 @@ class Task:
 
     name: str
     export: ExportSpec
+    dense: bool = False  # predicts per position (N, C, H, W): feature terms such as cwd apply
+    hub_pipeline: str = ""  # the Hub's pipeline tag for a model card
+    recipe_defaults: dict = {}  # recipe values this task sets differently from the core's (laid under the user's)
+    model_hint: str = ""  # what to pass when a model of another task is named
 
     # ---- data ---------------------------------------------------------------------------
     def detect(self, root: Path) -> bool:
@@ -92,28 +178,70 @@ class Task:
         meta (its size, crop, interpolation) wants it at eval time."""
         raise NotImplementedError
 
+    def batch(self, item) -> Batch:
+        """A loader's item (images, targets, skipped) as a Batch."""
+        return item if isinstance(item, Batch) else Batch(*item)
+
     # ---- models -------------------------------------------------------------------------
-    def resolve(self, spec: str, num_classes: int, **kwargs):
-        """A teacher or student by name, run folder or weights file: a models.Loaded."""
-        raise NotImplementedError
+    def resolve(self, spec: str, num_classes: int, role: str = "model", **kwargs):
+        """A teacher or student by name, run folder or weights file (models.Loaded); a model of
+        another task is refused in one line naming it and the fix."""
+        if not Path(spec).exists() and models.parse(spec, self.name) is None:
+            other = models.parse(spec)
+            if other is not None:
+                raise UserError(f"{role} {spec} is a {other[0].task} model, but the data is for {self.name}", self.model_hint)
+        loaded = models.resolve(spec, num_classes, task=self.name, **kwargs)
+        task = (loaded.meta or {}).get("task")
+        if task is not None and task != self.name:
+            raise UserError(f"{role} {loaded.origin} is a {task} run, but the data is for {self.name}", self.model_hint)
+        return loaded
 
-    def check_model(self, loaded, role: str) -> None:
-        """Refuse a model that cannot do this task (e.g. no dense output), naming it and the fix."""
-
-    # ---- training -----------------------------------------------------------------------
+    # ---- one forward pass ---------------------------------------------------------------
     class_dim: int = 1  # the class dimension of the prediction tensor, for logit terms
 
-    def prediction(self, raw: Any) -> torch.Tensor:
-        """The prediction tensor (class scores along class_dim) from a model's raw output."""
+    def inputs(self, batch: Batch, mean, std):
+        """What goes into a model fed with mean/std: the normalised images."""
+        return normalize(batch.images, mean, std)
+
+    def prediction(self, raw: Any):
+        """The prediction (what the metric and an export read) from a model's raw output."""
         return raw
 
-    def exportable(self, model: nn.Module) -> nn.Module:
-        """The module to export: one whose output is the prediction tensor."""
-        return model
-
-    def loss(self, raw: Any, targets: torch.Tensor, settings: dict) -> torch.Tensor:
+    def loss(self, raw: Any, targets, settings: dict) -> torch.Tensor:
         """The supervised loss of a raw model output (recipe section `loss` in settings)."""
         raise NotImplementedError
+
+    def loss_name(self) -> str:
+        return "ce"
+
+    def logit_view(self, prediction, targets) -> LogitView:
+        return LogitView(prediction, self.class_dim, targets)
+
+    def forward(self, model: nn.Module, batch: Batch, stats, settings: dict | None = None) -> Outputs:
+        """model on the batch (fed with stats = (mean, std)): its prediction, and with loss settings and
+        targets its supervised losses and logit view."""
+        raw = model(self.inputs(batch, *stats))
+        prediction = self.prediction(raw)
+        if settings is None or batch.targets is None:  # a teacher's pass, or inference: the scores alone
+            return Outputs(prediction, {}, LogitView(prediction, self.class_dim))
+        losses = {self.loss_name(): self.loss(raw, batch.targets, settings)}
+        return Outputs(prediction, losses, self.logit_view(prediction, batch.targets))
+
+    def attack_loss(self, prediction, targets) -> torch.Tensor:
+        """The loss FGSM ascends (robustness): the plain supervised loss of a prediction."""
+        return self.loss(prediction, targets, {"label_smoothing": 0.0})
+
+    def predictor(self, model: nn.Module) -> Callable:
+        """Normalised inputs -> prediction, for a PyTorch model."""
+        return lambda x: self.prediction(model(x))
+
+    def exportable(self, model: nn.Module) -> nn.Module:
+        """The module to export and measure: one whose output is the prediction."""
+        return model
+
+    def shipped_params(self, model: nn.Module) -> int:
+        """Parameters of what an export holds."""
+        return models.params(model)
 
     def metric(self, num_classes: int) -> Metric:
         raise NotImplementedError

@@ -8,6 +8,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from lcdistill import data
+from lcdistill.data import gpu
+from lcdistill.models.classifiers import CLASSIFIERS
 from lcdistill.tasks.base import ExportSpec, Metric, Splits, Task
 
 
@@ -28,8 +31,8 @@ class TopK(Metric):
         hit = top.eq(targets[:, None])
         self.counts += torch.stack([hit[:, 0].sum(), hit.any(dim=1).sum(), torch.tensor(targets.numel(), device=hit.device)]).double()
 
-    def reduce(self, all_reduce) -> None:
-        all_reduce(self.counts)
+    def sync(self, comm) -> None:
+        comm.all_reduce(self.counts)
 
     def compute(self) -> dict[str, float]:
         c1, c5, n = self.counts.tolist()
@@ -43,6 +46,8 @@ class TopK(Metric):
 class Classification(Task):
     name = "classification"
     export = ExportSpec(input_names=["input"], output_names=["logits"], dynamic_axes={0: "batch"})
+    hub_pipeline = "image-classification"
+    model_hint = CLASSIFIERS.hint
 
     def detect(self, root: Path) -> bool:
         train = Path(root) / "train"
@@ -54,15 +59,10 @@ class Classification(Task):
         return "train/<class>/*.jpg and val/<class>/*.jpg (an ImageFolder)"
 
     def scan(self, root, check: bool = True, skip_bad: bool = False) -> Splits:
-        from lcdistill import data
-
         train, val = data.scan(root, check=check, skip_bad=skip_bad)
         return Splits(train.classes, train, val, train.skipped + val.skipped)
 
     def datasets(self, splits: Splits, input_size: int, data_config: dict, recipe: dict, device: torch.device):
-        from lcdistill import data
-        from lcdistill.data import gpu
-
         settings, seed, skip_bad = recipe["data"], recipe["train"]["seed"], recipe["data"]["skip_bad_images"]
         train = data.ImageDataset(splits.train, data.transforms(input_size, data_config, settings, True), seed, skip_bad)
         val = data.ImageDataset(splits.val, data.eval_transform({**data_config, "input_size": [3, input_size, input_size]}), skip_bad=skip_bad)
@@ -72,24 +72,7 @@ class Classification(Task):
         return train, val
 
     def eval_dataset(self, split, meta: dict):
-        from lcdistill import data
-
         return data.ImageDataset(split, data.eval_transform(meta))
-
-    def resolve(self, spec: str, num_classes: int, **kwargs):
-        from lcdistill import models
-
-        return models.resolve(spec, num_classes, **kwargs)
-
-    def check_model(self, loaded, role: str) -> None:
-        """A segmentation run or model is refused: classification data needs a classifier."""
-        from lcdistill.errors import UserError
-        from lcdistill.models.segmentation import is_arch
-
-        what = "run" if (loaded.meta or {}).get("task", "classification") != "classification" else "model" if is_arch(loaded.arch) else None
-        if what:
-            raise UserError(f"{role} {loaded.origin} is a segmentation {what}, but the data is a classification ImageFolder",
-                            f"pass a classifier {role} (a timm or torchvision classifier name, or a run of `lcdistill train` on class folders)")
 
     def loss(self, raw, targets, settings: dict) -> torch.Tensor:
         return F.cross_entropy(raw.float(), targets, label_smoothing=float(settings["label_smoothing"]))

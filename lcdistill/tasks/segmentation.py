@@ -12,14 +12,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lcdistill.errors import UserError
-from lcdistill.tasks.base import ExportSpec, Metric, Splits, Task
+from lcdistill.data.segmentation import SegmentationDataset, detect_layout, scan_segmentation
+from lcdistill.models import params
+from lcdistill.models.segmentation import SEGMENTATION
+from lcdistill.tasks.base import ExportSpec, LogitView, Metric, Splits, Task
 
 IGNORE = 255
 AUX_WEIGHT = 0.5  # torchvision's references/segmentation/train.py: losses["out"] + 0.5 * losses["aux"]
-# data.scale is RandomResizedCrop's area range for classification; a segmentation run that leaves it
-# at that default gets torchvision's reference range instead (shorter side x 0.5 .. 2.0 of the input size).
-CLASSIFICATION_SCALE, SEGMENTATION_SCALE = [0.08, 1.0], (0.5, 2.0)
+# data.scale here is the shorter side's range x 0.5 .. 2.0 of the input size (torchvision's reference
+# range), not the core's RandomResizedCrop area range
+SCALE = [0.5, 2.0]
+
+
+def resize_targets(targets: torch.Tensor, size) -> torch.Tensor:
+    """Dense targets (N, H, W) at a prediction's spatial size (nearest neighbour when it differs)."""
+    if tuple(targets.shape[-2:]) == tuple(size):
+        return targets
+    return F.interpolate(targets[:, None].float(), size=tuple(size), mode="nearest")[:, 0].long()
 
 
 def _to_size(logits: torch.Tensor, size) -> torch.Tensor:
@@ -55,9 +64,9 @@ class ConfusionMatrix(Metric):
         self.matrix += torch.bincount(n * labels[keep] + predicted[keep], minlength=n * n).reshape(n, n)
         self.images += targets.shape[0]
 
-    def reduce(self, all_reduce) -> None:
-        all_reduce(self.matrix)
-        all_reduce(self.images)
+    def sync(self, comm) -> None:
+        comm.all_reduce(self.matrix)
+        comm.all_reduce(self.images)
 
     def iou(self) -> torch.Tensor:
         """Per-class IoU in percent (NaN for a class absent from labels and predictions)."""
@@ -78,7 +87,7 @@ class ConfusionMatrix(Metric):
         names = classes or [str(k) for k in range(self.num_classes)]
         return {name: (None if v != v else float(v)) for name, v in zip(names, self.iou().tolist())}
 
-    def details(self, classes: list[str] | None = None) -> dict:
+    def details(self, classes: list[str]) -> dict:
         """What eval's JSON adds beside the columns."""
         return {"iou": self.per_class(classes)}
 
@@ -110,13 +119,15 @@ class DensePrediction(nn.Module):
 
 class Segmentation(Task):
     name = "segmentation"
-    export = ExportSpec(input_names=["input"], output_names=["logits"], dynamic_axes={0: "batch", 2: "height", 3: "width"})
+    export = ExportSpec(input_names=["input"], output_names=["logits"], dynamic_axes={0: "batch", 2: "height", 3: "width"}, unit="pixels")
     class_dim = 1
+    dense = True
+    hub_pipeline = "image-segmentation"
+    model_hint = SEGMENTATION.hint
+    recipe_defaults = {"data": {"scale": SCALE}}
 
     # ---- data ---------------------------------------------------------------------------
     def detect(self, root: Path) -> bool:
-        from lcdistill.data.segmentation import detect_layout
-
         return detect_layout(root) is not None
 
     def layout_hint(self) -> str:
@@ -124,49 +135,31 @@ class Segmentation(Task):
                 "or train/images + train/masks (and val/ alike)")
 
     def scan(self, root, check: bool = True, skip_bad: bool = False) -> Splits:
-        from lcdistill.data.segmentation import scan_segmentation
-
         train, val = scan_segmentation(root, check=check, skip_bad=skip_bad)
         return Splits(train.classes, train, val, train.skipped + val.skipped)
 
     def datasets(self, splits: Splits, input_size: int, data_config: dict, recipe: dict, device: torch.device):
-        from lcdistill.data.segmentation import SegmentationDataset
-
         d = recipe["data"]
-        scale = SEGMENTATION_SCALE if list(d["scale"]) == CLASSIFICATION_SCALE else tuple(float(v) for v in d["scale"])
+        scale = tuple(float(v) for v in d["scale"])
         train = SegmentationDataset(splits.train, input_size, True, recipe["train"]["seed"], scale, float(d["hflip"]), d["skip_bad_images"])
         val = SegmentationDataset(splits.val, input_size, False, skip_bad=d["skip_bad_images"])
         return train, val
 
     def eval_dataset(self, split, meta: dict):
-        from lcdistill.data.segmentation import SegmentationDataset
-
         return SegmentationDataset(split, int(meta["input_size"][-1]), False)
-
-    # ---- models -------------------------------------------------------------------------
-    def resolve(self, spec: str, num_classes: int, **kwargs):
-        from lcdistill import models
-
-        return models.resolve(spec, num_classes, **kwargs)
-
-    def check_model(self, loaded, role: str) -> None:
-        """A classification run, or a model whose output is not a per-pixel map of the classes, is refused."""
-        from lcdistill.models.segmentation import NAME_HINT, is_arch
-
-        task = loaded.meta.get("task", "classification") if loaded.meta else None
-        if task is not None and task != self.name:
-            raise UserError(f"{role} {loaded.origin} is a {task} run, but the data is a segmentation set",
-                            f"pass a segmentation {role}: a run of `lcdistill train --model tv:fcn_resnet50 --data DIR` or a name such as smp:DeepLabV3Plus:resnet18")
-        if is_arch(loaded.arch):
-            return
-        shape = _output_shape(loaded.model, self)
-        if shape is None or len(shape) != 4 or shape[1] != loaded.num_classes:
-            got = "no tensor" if shape is None else f"shape {list(shape)}"
-            raise UserError(f"{role} {loaded.origin} does not produce a dense (per-pixel) output (it gives {got} for a [1, 3, 64, 64] input)", NAME_HINT)
 
     # ---- training -----------------------------------------------------------------------
     def prediction(self, raw) -> torch.Tensor:
         return raw["out"] if isinstance(raw, dict) else raw
+
+    def logit_view(self, prediction, targets) -> LogitView:
+        labels = resize_targets(targets, prediction.shape[-2:])
+        return LogitView(prediction, self.class_dim, labels, labels != IGNORE)
+
+    def shipped_params(self, model: nn.Module) -> int:
+        """A torchvision segmentation model's auxiliary head trains but is not exported."""
+        aux = getattr(model, "aux_classifier", None)
+        return params(model) - (params(aux) if isinstance(aux, nn.Module) else 0)
 
     def exportable(self, model: nn.Module) -> nn.Module:
         shape = _output_shape(model, self)

@@ -34,8 +34,17 @@ class Runtime:
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
     def all_reduce(self, tensor: torch.Tensor) -> None:
+        """Sum over the processes, in place (a no-op in one process)."""
         if self.world > 1:
             dist.all_reduce(tensor)
+
+    def all_gather(self, obj) -> list:
+        """Every process's obj, in rank order ([obj] in one process)."""
+        if self.world == 1:
+            return [obj]
+        out = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
 
 
 def setup_runtime(train: dict) -> Runtime:
