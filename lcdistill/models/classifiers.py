@@ -66,7 +66,7 @@ def data_config(model: nn.Module) -> dict:
 class Classifiers(Family):
     name = "classifier"
     task = "classification"
-    hint = "pass a classifier: a timm or torchvision classifier name, or a run of `lcdistill train` on class folders"
+    hint = "a classifier: a timm or torchvision classifier name such as resnet18 or tv:mobilenet_v3_small"
     count_classes = 1000
     curated = CURATED
 

@@ -18,7 +18,7 @@ from lcdistill.models.loaded import Loaded, from_weights_file
 class Family:
     name: str  # e.g. "timm", "tv-seg", "smp"
     task: str  # the task its models serve
-    hint: str  # names to suggest when a model is refused
+    hint: str  # the models to suggest when one is refused, as a noun phrase ("a classifier: ...")
     count_classes: int = 1000  # the class count `lcdistill recipes` counts parameters at
     curated: tuple[tuple[str, str], ...] = ()  # (source, name) of small models `lcdistill students` measures
 
@@ -60,7 +60,7 @@ class Family:
         return ""
 
     def unknown(self, spec: str) -> UserError:
-        return UserError(f"'{spec}' is not a {self.task} model", self.hint)
+        return UserError(f"'{spec}' is not a {self.task} model", f"name {self.hint}")
 
     def resolve(self, arch: dict, num_classes: int, weights: str | None, pretrained: bool, flag: str, keep_head: bool) -> Loaded:
         """Build arch from a weights file, from hub weights or from scratch."""

@@ -42,7 +42,7 @@ from lcdistill.models.taps import unwrap
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
 DEFAULT_SIZE = 512
-NAME_HINT = "pass a model with a dense (per-pixel) output: tv:lraspp_mobilenet_v3_large, tv:fcn_resnet50, tv:deeplabv3_resnet50 or smp:<Arch>:<encoder> such as smp:DeepLabV3Plus:mobilenet_v2"
+NAME_HINT = "a model with a dense (per-pixel) output: tv:lraspp_mobilenet_v3_large, tv:fcn_resnet50, tv:deeplabv3_resnet50 or smp:<Arch>:<encoder> such as smp:DeepLabV3Plus:mobilenet_v2"
 
 
 @lru_cache(maxsize=1)

@@ -155,7 +155,7 @@ class Task:
     dense: bool = False  # predicts per position (N, C, H, W): feature terms such as cwd apply
     hub_pipeline: str = ""  # the Hub's pipeline tag for a model card
     recipe_defaults: dict = {}  # recipe values this task sets differently from the core's (laid under the user's)
-    model_hint: str = ""  # what to pass when a model of another task is named
+    model_hint: str = ""  # the models to pass when one of another task is named (its families' hint)
 
     # ---- data ---------------------------------------------------------------------------
     def detect(self, root: Path) -> bool:
@@ -189,12 +189,15 @@ class Task:
         if not Path(spec).exists() and models.parse(spec, self.name) is None:
             other = models.parse(spec)
             if other is not None:
-                raise UserError(f"{role} {spec} is a {other[0].task} model, but the data is for {self.name}", self.model_hint)
+                raise UserError(f"{role} {spec} is a {other[0].task} model, but the data is for {self.name}", self.refusal_fix(role))
         loaded = models.resolve(spec, num_classes, task=self.name, **kwargs)
         task = (loaded.meta or {}).get("task")
         if task is not None and task != self.name:
-            raise UserError(f"{role} {loaded.origin} is a {task} run, but the data is for {self.name}", self.model_hint)
+            raise UserError(f"{role} {loaded.origin} is a {task} run, but the data is for {self.name}", self.refusal_fix(role))
         return loaded
+
+    def refusal_fix(self, role: str) -> str:
+        return f"pass a {self.name} {role} ({self.model_hint}), or a run of `lcdistill train --model NAME --data DIR` on this data"
 
     # ---- one forward pass ---------------------------------------------------------------
     class_dim: int = 1  # the class dimension of the prediction tensor, for logit terms
