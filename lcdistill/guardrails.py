@@ -12,6 +12,8 @@ import statistics
 import warnings
 from typing import Iterable, Sequence
 
+from lcdistill import methods
+
 # An image is "much smaller" than the input when its median side is under this share of it.
 SMALL_IMAGE_SHARE = 0.5
 # Fewer optimizer steps than this in an epoch: per-epoch schedules, logging and checkpoints are coarse.
@@ -38,6 +40,20 @@ def warmup(epochs: int, warmup_epochs: float) -> str | None:
         return None
     return (f"warm-up lasts {warmup_epochs:g} of {epochs} epochs, so the learning rate never reaches --lr: "
             f"lower it with --set schedule.warmup_epochs={max(0, epochs // 5)} or raise --epochs")
+
+
+def term_warmup(section: str, key: str, epochs: int, warmup_epochs: float) -> str | None:
+    """A term's own ramp-in (dkd.warmup_epochs) as long as training or longer: it never reaches its full weight."""
+    if not warmup_epochs or warmup_epochs < epochs:
+        return None
+    return (f"{section} ramps in over {section}.{key}={warmup_epochs:g} of {epochs} epochs, so it never reaches its full weight: "
+            f"lower it with --set {section}.{key}={max(0, epochs // 5)} or raise --epochs")
+
+
+def term_warmups(epochs: int, warmups: Iterable[tuple[str, str, float]]) -> list[str]:
+    """term_warmup for each (section, key, value) of a method's terms that ramp in."""
+    found = [term_warmup(section, key, epochs, value) for section, key, value in warmups]
+    return [line for line in found if line]
 
 
 def steps_per_epoch(images: int, batch_size: int, world: int = 1) -> int:
@@ -107,6 +123,8 @@ def check(p) -> list[str]:
     s = recipe["schedule"]
     lines += schedule(int(s["epochs"]), float(s["warmup_epochs"] or 0), len(samples), int(s["batch_size"]), p.runtime.world,
                       bool(recipe["train"]["ema"]), float(recipe["train"]["ema_decay"]))
+    ramps = [(t.section, t.warmup_key, float(recipe[t.section][t.warmup_key] or 0)) for t in methods.terms_of(recipe["method"]) if t.warmup_key]
+    lines += term_warmups(int(s["epochs"]), ramps)
     return [line for line in lines if line]
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from lcdistill import guardrails, methods, models, recipe as recipes, tasks
@@ -40,6 +41,7 @@ class Prepared:
     input_size: int
     folder: RunFolder
     runtime: Runtime
+    method_note: str = ""  # why this method, when no layer named one (the task's default)
 
 
 def default_run_dir(recipe: dict) -> Path:
@@ -55,7 +57,8 @@ def student_spec(student: dict) -> str:
 def prepare(layers: list[dict], data_dir: str, teacher: str | None, teacher_weights: str | None, out: str | None, resume: bool = False) -> Prepared:
     """Every input checked, nothing written. layers: the recipe layers (a recipe file, the flags, --set);
     the task the data names lays its own defaults under them."""
-    task = tasks.for_data(recipes.build(layers)["task"], data_dir)
+    draft = recipes.build(layers)
+    task = tasks.for_data(draft["task"], data_dir, (student_spec(draft["student"]), teacher))
     recipe = recipes.build(layers, task.recipe_defaults)
     recipe["task"] = task.name  # the saved recipe names the task --task auto found
     runtime = setup_runtime(recipe["train"])
@@ -85,6 +88,9 @@ def prepare(layers: list[dict], data_dir: str, teacher: str | None, teacher_weig
     crop_pct = recipe["data"]["crop_pct"] or teacher_run.get("crop_pct", student.data_config["crop_pct"])
     recipe["data"]["input_size"], recipe["data"]["crop_pct"] = int(input_size), float(crop_pct)
     student.data_config["crop_pct"] = float(crop_pct)
+    for loaded in (student, loaded_teacher):  # a detector resizes to the input size inside (teacher and student alike)
+        if loaded is not None:
+            task.configure(loaded, int(input_size))
     run_dir = Path(out) if out else default_run_dir(recipe)
     if runtime.world > 1 and not out:  # ranks may start in different seconds: all take rank 0's folder name
         shared = [run_dir]
@@ -95,7 +101,18 @@ def prepare(layers: list[dict], data_dir: str, teacher: str | None, teacher_weig
         raise UserError(f"run folder {run_dir} already exists and is not empty", f"continue it with --resume {run_dir}, or choose another --out")
     inputs = {"data": str(Path(data_dir).resolve()), "teacher": teacher, "teacher_weights": teacher_weights, "classes": classes,
               "skipped_files": splits.skipped}
-    return Prepared(recipe, inputs, task, splits, student, loaded_teacher, int(input_size), RunFolder(run_dir), runtime)
+    return Prepared(recipe, inputs, task, splits, student, loaded_teacher, int(input_size), RunFolder(run_dir), runtime,
+                    method_note(task, layers))
+
+
+def method_note(task: Task, layers: list[dict]) -> str:
+    """'(segmentation's default: cwd measured best, ...)' when no recipe layer set the method, else ''."""
+    if any("method" in layer for layer in layers):
+        return ""
+    if "method" not in task.recipe_defaults:
+        return " (the default)"
+    reason = getattr(task, "default_method_reason", "")
+    return f" ({task.name}'s default" + (f": {reason})" if reason else ")")
 
 
 def check_writable(run_dir: Path) -> None:
@@ -148,7 +165,7 @@ def run(p: Prepared, console: Console, resume: bool = False) -> dict:
         console.print(f"resuming {folder} at epoch {trainer.epoch + 1}, step {trainer.step_in_epoch}")
     if rt.main:
         role = "student" if p.teacher else "model"
-        console.print(f"[bold]{p.recipe['method']}[/]: {role} {p.student.origin} ({p.student.params / 1e6:.2f}M params)"
+        console.print(f"[bold]{p.recipe['method']}[/]{escape(p.method_note)}: {role} {p.student.origin} ({p.student.params / 1e6:.2f}M params)"
                       + (f" <- teacher {p.teacher.origin} ({p.teacher.params / 1e6:.2f}M)" if p.teacher else "")
                       + f", {len(p.splits.train.samples)} train / {len(p.splits.val.samples)} val images, {len(p.splits.classes)} classes, {p.input_size}px, {rt.device}")
         for line in distiller.describe():
@@ -156,6 +173,8 @@ def run(p: Prepared, console: Console, resume: bool = False) -> dict:
         guardrails.warn(p, console)  # settings that run but are likely mistakes: one line each, naming the flag
         if isinstance(train_set, JpegDataset):
             console.print(f"  JPEGs decoded and augmented on {rt.device} (data.gpu_decode)")
+        if p.splits.report:
+            console.print(f"  {p.splits.report}")
         if p.splits.skipped:
             console.print(f"skipped {len(p.splits.skipped)} unreadable image files (--skip-bad-images), e.g. {p.splits.skipped[0]}")
     try:

@@ -38,6 +38,26 @@ def test_warmup_as_long_as_training():
     assert guardrails.warmup(3, 0) is None
 
 
+def test_a_terms_warmup_as_long_as_training():
+    line = guardrails.term_warmup("dkd", "warmup_epochs", 10, 20)
+    assert line and "--set dkd.warmup_epochs=2" in line and "20 of 10 epochs" in line and "--epochs" in line
+    assert guardrails.term_warmup("london", "warmup_epochs", 3, 3) is not None  # reaches full weight only at the last step
+    assert guardrails.term_warmup("london", "warmup_epochs", 10, 3) is None
+    assert guardrails.term_warmup("dkd", "warmup_epochs", 5, 0) is None  # no ramp
+    lines = guardrails.term_warmups(3, [("dkd", "warmup_epochs", 20.0), ("london", "warmup_epochs", 1.0)])
+    assert len(lines) == 1 and lines[0].startswith("dkd ")
+
+
+def test_the_terms_that_ramp_in_say_which_key():
+    from lcdistill import methods
+
+    ramps = {t.name: t.warmup_key for t in methods.TERMS.values()}
+    assert ramps["dkd"] == ramps["london"] == "warmup_epochs"
+    assert ramps["kd"] is None and ramps["cwd"] is None
+    for t in methods.TERMS.values():
+        assert t.warmup_key is None or t.warmup_key in t.defaults
+
+
 def test_few_optimizer_steps_per_epoch():
     assert guardrails.steps_per_epoch(1437, 256) == 5  # drop_last, as the trainer's loader
     assert guardrails.steps_per_epoch(1437, 64) == 22
@@ -133,3 +153,13 @@ def test_one_warning_for_one_mistake(digits, tmp_path, no_training):
                  "--device", "cpu", "--out", tmp_path / "run", "--set", "data.crop_pct=1.0")
     lines = warnings_of(result)
     assert len(lines) == 1 and "2 optimizer steps" in lines[0] and "--batch-size" in lines[0]
+
+
+def test_a_terms_warmup_longer_than_the_run_warns(small_data, teacher_run, tmp_path, no_training):
+    result = cli("compress", "--teacher", teacher_run, "--student", "mobilenetv2_050", "--data", small_data, "--method", "dkd+london",
+                 "--epochs", "3", "--input-size", "32", "--batch-size", "16", "--workers", "0", "--device", "cpu",
+                 "--set", "data.crop_pct=1.0", "--set", "schedule.warmup_epochs=0", "--out", tmp_path / "run")  # the recipe's 5: not this test's
+    lines = warnings_of(result)
+    assert len(lines) == 2, lines
+    assert "--set dkd.warmup_epochs=0" in lines[0] and "20 of 3 epochs" in lines[0]
+    assert "--set london.warmup_epochs=0" in lines[1]

@@ -7,7 +7,7 @@ import copy
 import pytest
 import yaml
 
-from lcdistill import recipe as recipes
+from lcdistill import recipe as recipes, tasks
 from lcdistill.errors import UserError
 from lcdistill.recipe import DEFAULTS, build, deep_merge, parse_override
 
@@ -135,9 +135,48 @@ def test_shipped_recipes_all_build():
     shipped = recipes.list_recipes()
     assert {"mobilenetv2", "mobilenetv2_050", "resnet18", "efficientnet_b0", "tv_mobilenet_v3_small"} <= set(shipped)
     for name, path in shipped.items():
-        r = build([recipes.read_yaml(path)])
+        raw = recipes.read_yaml(path)
+        task = tasks.get(raw.get("task", "auto") if raw.get("task", "auto") != "auto" else tasks.LEGACY)
+        r = build([raw], task.recipe_defaults)
         assert r["student"]["name"], name
-        assert r["method"] == "london"
+        # no shipped recipe overrides its task's default method (london for classifiers, cwd for segmentation)
+        default = task.recipe_defaults.get("method", recipes.CORE["method"])
+        assert "method" not in raw or raw["method"] == default, name
+        assert r["method"] == default, name
+
+
+# ---- each task's own defaults -------------------------------------------------------------------
+def test_a_tasks_defaults_lie_over_the_core_and_under_the_user():
+    seg = tasks.get("segmentation")
+    r = build([student()], seg.recipe_defaults)
+    assert r["method"] == "cwd"
+    assert {k: r["schedule"][k] for k in ("optimizer", "lr", "batch_size", "weight_decay", "warmup_epochs")} == {
+        "optimizer": "adamw", "lr": 0.008, "batch_size": 8, "weight_decay": 1e-4, "warmup_epochs": 1}
+    assert r["data"]["scale"] == [0.75, 1.25] and r["data"]["hflip"] == 0
+    assert r["schedule"]["momentum"] == DEFAULTS["schedule"]["momentum"]  # the rest is the core's
+    mine = build([student(), {"method": "kd"}, parse_override("schedule.lr=0.1"), parse_override("data.hflip=0.5")], seg.recipe_defaults)
+    assert (mine["method"], mine["schedule"]["lr"], mine["data"]["hflip"]) == ("kd", 0.1, 0.5)
+    assert build([student()], tasks.get("classification").recipe_defaults)["method"] == "london"
+
+
+def test_the_run_header_says_when_the_method_is_the_tasks_default():
+    from lcdistill.run import method_note
+
+    seg = tasks.get("segmentation")
+    assert method_note(seg, [student()]) == " (segmentation's default: cwd measured best, benchmarks/RESULTS.md)"
+    assert method_note(seg, [student(), {"method": "cwd"}]) == ""  # named, even if the same
+    assert "classification's default" in method_note(tasks.get("classification"), [student()])
+
+
+def test_the_methods_command_says_each_tasks_default_and_why():
+    from conftest import cli_ok
+
+    lines = cli_ok("methods").stdout.splitlines()
+    for name, task in tasks.TASKS.items():
+        found = [line for line in lines if line.startswith(f"{name}'s default: ")]
+        assert len(found) == 1, lines
+        if "method" in task.recipe_defaults:
+            assert found[0].startswith(f"{name}'s default: {task.recipe_defaults['method']} (") and "RESULTS.md" in found[0]
 
 
 def test_resolve_student():

@@ -138,7 +138,7 @@ def test_auto_detects_segmentation_before_classification(scenes, tmp_path):
     from lcdistill import tasks
 
     folders = as_folders(scenes, tmp_path / "f", 2, 2)
-    assert tasks.for_data("auto", scenes).name == "segmentation"
+    assert tasks.for_data("auto", scenes, ("smp:FPN:resnet18",)).name == "segmentation"  # scenes also read as detection
     assert tasks.for_data("auto", folders).name == "segmentation"
     assert not tasks.get("classification").detect(folders)  # train/images + train/masks are no class folders
 

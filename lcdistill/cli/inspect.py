@@ -17,13 +17,15 @@ from lcdistill.runfolder import RunFolder
 @user_errors
 def list_recipes():
     """List the shipped student recipes."""
-    from lcdistill import models, recipe as recipes
+    from lcdistill import models, recipe as recipes, tasks
 
     table = Table(title="shipped recipes (use --student NAME)")
     for col in ("name", "model", "method", "epochs", "params (classes)"):
         table.add_column(col, no_wrap=col in ("name", "model"))
     for name, path in recipes.list_recipes().items():
-        r = recipes.build([recipes.read_yaml(path)])
+        raw = recipes.read_yaml(path)
+        own = raw.get("task", "auto")
+        r = recipes.build([raw], tasks.get(own).recipe_defaults if own != "auto" else None)  # a method left out is the task's default
         s = r["student"]
         spec = s["name"] if s["source"] == "auto" else f"{s['source']}:{s['name']}"
         found = models.parse(spec, r["task"] if r["task"] != "auto" else None)
@@ -128,3 +130,21 @@ def list_methods():
         named.add_row(name, terms)
     console.print(named)
     console.print("the paper's LONDON (Shang et al., ICCV 2021) is ce + ofd + london: --method ofd+london")
+    for line in default_methods():
+        console.print(line, highlight=False, soft_wrap=True)
+    from lcdistill import tasks
+
+    for name, task in tasks.TASKS.items():
+        console.print(f"{name} takes: ce, {', '.join(methods.served(task))}", highlight=False, soft_wrap=True)
+
+
+def default_methods() -> list[str]:
+    """One line per task: the method a run gets when none is named, and why."""
+    from lcdistill import recipe as recipes, tasks
+
+    lines = []
+    for name, task in tasks.TASKS.items():
+        method = task.recipe_defaults.get("method", recipes.CORE["method"])
+        reason = getattr(task, "default_method_reason", "") if "method" in task.recipe_defaults else "lcdistill's default: not measured for this task"
+        lines.append(f"{name}'s default: {method}" + (f" ({reason})" if reason else ""))
+    return lines

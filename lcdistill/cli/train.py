@@ -29,14 +29,14 @@ def compress(
     student: Optional[str] = typer.Option(None, "--student", help="Recipe name (see `lcdistill recipes`), recipe file, or model name."),
     data: Optional[str] = DataOpt,
     recipe: Optional[str] = typer.Option(None, "--recipe", help="Recipe YAML file."),
-    method: Optional[str] = typer.Option(None, "--method", help="london | kd | ce, or terms joined by + (see `lcdistill methods`)"),
+    method: Optional[str] = typer.Option(None, "--method", help="london | kd | ce, or terms joined by + (default: the task's, see `lcdistill methods`)"),
     teacher_weights: Optional[str] = typer.Option(None, "--teacher-weights", help="Teacher weights file (.safetensors or .pth)."),
     resume: Optional[str] = typer.Option(None, "--resume", help="Continue a run folder from its last checkpoint."),
     out: Optional[str] = OutOpt,
     json_out: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout."),
     *, options: TrainingOptions,
 ):
-    """Distil a teacher into a smaller student (LONDON by default), for any task the data's layout names."""
+    """Distil a teacher into a smaller student (the task's default method: london for classification, cwd for segmentation)."""
     from lcdistill import recipe as recipes, run
 
     if resume:

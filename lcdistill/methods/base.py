@@ -58,6 +58,8 @@ class Term(nn.Module):
     needs_teacher = True
     logit = False  # a logit term (kd, dkd, dist): at most one per method
     after: tuple[str, ...] = ()  # terms whose shared work this one reads: built and run after them
+    warmup_key: str | None = None  # the key of its section that ramps it in over epochs (guardrails check it against the run's)
+    needs: frozenset[str] = frozenset()  # what a task must offer for this term (Task.offers: scores, softmax, dense, pyramid, probe)
 
     def __init__(self, settings: dict, ctx: Context):
         super().__init__()

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import torch
 
+from lcdistill.errors import UserError
 from lcdistill.methods.base import Term
 
 
@@ -76,6 +77,7 @@ def dkd_loss(student_logits, teacher_logits, labels, alpha: float, beta: float, 
 class DKD(Term):
     name = section = "dkd"
     logit = True
+    warmup_key = "warmup_epochs"
     defaults = {
         "alpha": 1.0,  # weight of TCKD (target vs non-target)
         "beta": 8.0,  # weight of NCKD (among non-target classes); mdistiller uses 8 for most CIFAR pairs, 0.5 on ImageNet
@@ -86,6 +88,7 @@ class DKD(Term):
         # A schedule shorter than this never reaches full weight.
         "warmup_epochs": 20,
     }
+    needs = frozenset({"softmax"})
     paper = "Zhao et al., Decoupled Knowledge Distillation, CVPR 2022"
     summary = "soft labels split into target/non-target KL (TCKD) and KL among non-target classes (NCKD), weighed apart"
 
@@ -95,6 +98,9 @@ class DKD(Term):
 
     def __init__(self, settings, ctx):
         super().__init__(settings, ctx)
+        if any(ctx.task.logit_kind(m) != "softmax" for m in (ctx.student, ctx.teacher) if m is not None):
+            raise UserError(f"method dkd needs softmax class scores, and this {ctx.task.name} model pair has none",
+                            "use kd (or a feature term) here")
         self.alpha = float(settings["alpha"])
         self.beta = float(settings["beta"])
         self.temperature = float(settings["temperature"])

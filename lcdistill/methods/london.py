@@ -47,6 +47,7 @@ def map_side(input_size: int | None, *strides: int) -> int | None:
 
 class London(Term):
     name = section = "london"
+    warmup_key = "warmup_epochs"
     defaults = {
         "alpha": 1.0,  # weight of the Lipschitz term
         "warmup_epochs": 3,  # ramp the term's weight linearly from 0 to alpha over the first epochs (0: full weight from the start)

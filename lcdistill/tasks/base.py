@@ -43,11 +43,21 @@ class Batch:
         return len(self.images)
 
     def to(self, device: torch.device, channels_last: bool = False) -> Batch:
-        images = self.images.to(device, non_blocking=True)
-        targets = self.targets.to(device, non_blocking=True)
-        if channels_last:
+        images, targets = move(self.images, device), move(self.targets, device)
+        if channels_last and isinstance(images, torch.Tensor):
             images = images.contiguous(memory_format=torch.channels_last)
         return Batch(images, targets, self.skipped)
+
+
+def move(obj, device: torch.device):
+    """Tensors, and lists and dicts of them (a detector's images and targets), on device."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device, non_blocking=True)
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(move(o, device) for o in obj)
+    if isinstance(obj, dict):
+        return {k: move(v, device) for k, v in obj.items()}
+    return obj
 
 
 @dataclass
@@ -58,6 +68,7 @@ class LogitView:
     class_dim: int = 1
     labels: torch.Tensor | None = None  # the label of each sample or position, at the scores' size (dkd's gold class)
     valid: torch.Tensor | None = None  # which positions carry a label (None: all), at the scores' size
+    kind: str = "softmax"  # how the scores become probabilities: softmax over the classes, or a sigmoid per class
 
 
 @dataclass
@@ -89,6 +100,11 @@ class Metric:
     def details(self, classes: list[str]) -> dict:
         """What eval's JSON adds beside the columns (per-class values)."""
         return {}
+
+    def collapsed(self) -> str | None:
+        """What shows the predictions collapsed (one class everywhere, accuracy at chance), as a short
+        phrase for a warning, or None (also for a task that cannot tell)."""
+        return None
 
     @property
     def count(self) -> int:
@@ -122,6 +138,37 @@ class ExportSpec:
     output_names: list[str]
     dynamic_axes: dict[int, str]  # axis of the input -> its name (batch, height, width)
     unit: str = "images"  # what one int8 agreement counts: an image's class, or a pixel's
+    legacy_onnx: bool = False  # export with torch.onnx's TorchScript-based exporter (torch.export cannot trace NMS)
+    pt2: str = ""  # why torch.export cannot export this task's models ('' when it can)
+    diff_text: str = "of the largest |logit|"  # what compare's number is, for export's lines
+    agreement_text: str = "top-1 class agrees with PyTorch on"  # what agreement counts, for export's int8 line
+
+    def check(self, x, meta: dict):
+        """x as the float32 [N, C, H, W] batch the model was exported for, or a UserError saying what is off."""
+        want = [int(v) for v in meta["input_size"]]
+        shape = list(x.shape) if isinstance(x, torch.Tensor) else None
+        fixed_ok = shape is not None and len(shape) == 4 and all(shape[i + 1] == w for i, w in enumerate(want) if i + 1 not in self.dynamic_axes)
+        if not fixed_ok:
+            got = f"shape {shape}" if shape is not None else f"a {type(x).__name__}"
+            raise UserError(f"the model takes a [N, {', '.join(map(str, want))}] tensor, got {got}",
+                            f"resize images to {want[1]}x{want[2]} with {want[0]} channels and stack them into one batch")
+        if not x.is_floating_point():  # uint8 pixels would run (ONNX casts) and give silent garbage
+            raise UserError(f"the model takes float input, got {x.dtype}", "scale to [0, 1] and normalise with the model's mean/std")
+        return x.float()
+
+    def call(self, run: Callable, x, meta: dict):
+        """The prediction of an exported model (run: its call, the first output of several) on checked input x."""
+        out = run(self.check(x, meta))
+        return out[0] if isinstance(out, (list, tuple)) else out
+
+    def parity_inputs(self, batch):
+        """The inputs export parity is checked on: the batch, and its first image alone."""
+        return [batch, batch[:1]]
+
+    def calls(self, batch):
+        """The inputs an export is called with for one batch, each image once: the batch itself, or one
+        input per image for an export that takes one image (int8 calibration and agreement)."""
+        return [batch]
 
     def example(self, meta: dict, batch: int = 2, device: torch.device | str = "cpu", generator: torch.Generator | None = None):
         """A random normalised input of `batch` images at the size meta records."""
@@ -145,6 +192,7 @@ class Splits:
     train: Any
     val: Any
     skipped: list[str] = field(default_factory=list)  # unreadable files left out (--skip-bad-images)
+    report: str = ""  # what the scan found and did, a line for the run's header (kept background images, clipped boxes)
 
 
 class Task:
@@ -153,6 +201,7 @@ class Task:
     name: str
     export: ExportSpec
     dense: bool = False  # predicts per position (N, C, H, W): feature terms such as cwd apply
+    offers: frozenset[str] = frozenset({"scores", "softmax", "probe"})  # what method terms may read (Term.needs)
     hub_pipeline: str = ""  # the Hub's pipeline tag for a model card
     recipe_defaults: dict = {}  # recipe values this task sets differently from the core's (laid under the user's)
     model_hint: str = ""  # the models to pass when one of another task is named (its families' hint)
@@ -199,6 +248,17 @@ class Task:
     def refusal_fix(self, role: str) -> str:
         return f"pass a {self.name} {role} ({self.model_hint}), or a run of `lcdistill train --model NAME --data DIR` on this data"
 
+    def configure(self, loaded, input_size: int) -> None:
+        """Fit a resolved model (models.Loaded) to the input size the run trains at (a detector's own resize)."""
+
+    def feature_levels(self, model: nn.Module) -> list[tuple[str, int]]:
+        """(module path, channels) of the feature maps a feature-pyramid term (pkd) may tap, shallow to deep."""
+        return []
+
+    def logit_kind(self, model: nn.Module) -> str | None:
+        """How model's logit view scores classes (softmax, sigmoid), None when it has none to distil one to one."""
+        return "softmax"
+
     # ---- one forward pass ---------------------------------------------------------------
     class_dim: int = 1  # the class dimension of the prediction tensor, for logit terms
 
@@ -230,12 +290,14 @@ class Task:
         losses = {self.loss_name(): self.loss(raw, batch.targets, settings)}
         return Outputs(prediction, losses, self.logit_view(prediction, batch.targets))
 
+    attackable: bool = True  # FGSM can ascend attack_loss (a detector's loss needs training mode: noise rows only)
+
     def attack_loss(self, prediction, targets) -> torch.Tensor:
         """The loss FGSM ascends (robustness): the plain supervised loss of a prediction."""
         return self.loss(prediction, targets, {"label_smoothing": 0.0})
 
     def predictor(self, model: nn.Module) -> Callable:
-        """Normalised inputs -> prediction, for a PyTorch model."""
+        """What inputs() gives -> prediction, for a PyTorch model."""
         return lambda x: self.prediction(model(x))
 
     def exportable(self, model: nn.Module) -> nn.Module:

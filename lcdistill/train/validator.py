@@ -5,11 +5,14 @@ from __future__ import annotations
 import math
 
 from rich.console import Console
+from rich.markup import escape
 from torch import nn
 
 from lcdistill.evaluate import score
 from lcdistill.train.checkpointer import Checkpointer
 from lcdistill.train.runtime import Runtime
+
+COLLAPSED_VALIDATIONS = 2  # collapsed validations in a row that earn the warning (once per run)
 
 
 class Validator:
@@ -20,14 +23,18 @@ class Validator:
         self.metric = task.metric(num_classes)
         self.num_classes = num_classes
         self.best = -math.inf  # the best value of the metric's `best` so far (of what is shipped)
+        self.scored: list[tuple[dict, object]] = []  # (values, the metric that made them) since the last epoch line
+        self.collapses, self.warned = 0, False  # the student's consecutive collapsed validations; said once a run
 
     def score(self, model: nn.Module, stats: tuple) -> dict:
         """The task's metric on val for model fed with stats = (mean, std), over every process:
         {value name: value, ..., "images": n}."""
         model.eval()
+        metric = self.task.metric(self.num_classes)
         with self.runtime.autocast():
-            return score(self.task.predictor(model), self.loader, self.runtime.device, *stats, self.task.metric(self.num_classes),
-                         self.task, comm=self.runtime)
+            values = score(self.task.predictor(model), self.loader, self.runtime.device, *stats, metric, self.task, comm=self.runtime)
+        self.scored = [*self.scored[-3:], (values, metric)]  # the student's, the EMA's, a teacher's: the line picks by identity
+        return values
 
     def record(self, row: dict, val: dict, ema_val: dict | None) -> None:
         """The epoch row's val (and EMA) values."""
@@ -52,3 +59,16 @@ class Validator:
         extra = f"  ema {header} {row[f'ema_{metric.best}']:.2f}" if f"ema_{metric.best}" in row else ""
         bad = f"  skipped {skipped} bad images" if skipped else ""
         self.console.print(f"epoch {row['epoch']}/{epochs}  {parts}  val {metric.describe(val)}{extra}{bad}")
+        self.warn_collapse(val)
+
+    def warn_collapse(self, val: dict) -> None:
+        """One warning line when the student's predictions (those that made `val`) collapsed at two validations in a row."""
+        scored = next((m for values, m in self.scored if values is val), None)
+        what = scored.collapsed() if scored is not None else None
+        self.collapses = self.collapses + 1 if what else 0
+        if self.collapses == COLLAPSED_VALIDATIONS and not self.warned:
+            self.warned = True
+            self.console.print(f"[bold yellow]warning[/]: the predictions collapsed at {COLLAPSED_VALIDATIONS} validations in a row "
+                               f"({escape(what)}): try a lower --lr (a higher one if the loss never fell), --set schedule.optimizer=adamw, "
+                               "or a smaller --batch-size",
+                               soft_wrap=True, highlight=False)
