@@ -47,20 +47,6 @@ def identify(path: str | Path, accept: tuple[str, ...] = KINDS) -> Artifact:
     raise UserError(f"{path} is not {what}", fix)
 
 
-def check_batch(x, meta: dict, dynamic: dict[int, str]) -> torch.Tensor:
-    """x as the float32 [N, C, H, W] batch the model was exported for, or a UserError saying what is off."""
-    want = [int(v) for v in meta["input_size"]]
-    shape = list(x.shape) if isinstance(x, torch.Tensor) else None
-    fixed_ok = shape is not None and len(shape) == 4 and all(shape[i + 1] == w for i, w in enumerate(want) if i + 1 not in dynamic)
-    if not fixed_ok:
-        got = f"shape {shape}" if shape is not None else f"a {type(x).__name__}"
-        raise UserError(f"the model takes a [N, {', '.join(map(str, want))}] tensor, got {got}",
-                        f"resize images to {want[1]}x{want[2]} with {want[0]} channels and stack them into one batch")
-    if not x.is_floating_point():  # uint8 pixels would run (ONNX casts) and give silent garbage
-        raise UserError(f"the model takes float input, got {x.dtype}", "scale to [0, 1] and normalise with the model's mean/std")
-    return x.float()
-
-
 @dataclass
 class Artifact:
     path: Path
@@ -122,16 +108,18 @@ class Artifact:
         return None
 
     @cached_property
-    def predict(self) -> Callable[[torch.Tensor], torch.Tensor]:
-        """Normalised [N, C, H, W] batch -> prediction tensor, refusing batches of the wrong shape or type."""
-        meta, task = self.meta, self.task
+    def predict(self) -> Callable:
+        """What the task feeds a model (a normalised [N, C, H, W] batch, a detector's images) -> its prediction,
+        refusing input of the wrong shape or type."""
+        meta, task, spec = self.meta, self.task, self.task.export
         if self.kind == "onnx":
             session = export.onnx_session(self.path)
-            run = lambda x: export.run_onnx(session, x)  # noqa: E731
-        else:
-            module = self.module
-            run = task.predictor(module)
-        return lambda x: run(check_batch(x, meta, task.export.dynamic_axes))
+            return lambda x: spec.call(lambda batch: export.run_onnx_all(session, batch), x, meta)
+        if self.runtime == "pytorch":
+            predict = task.predictor(self.module)
+            return lambda x: predict(spec.check(x, meta))
+        module = self.module  # an exported module (TorchScript, torch.export) gives what the export gives
+        return lambda x: spec.call(module, x, meta)
 
 
 def exports_beside(target: Artifact, folder: str | Path | None) -> list[Artifact]:
@@ -172,6 +160,6 @@ class InMemory:
     origin: str | None = None  # where it came from, e.g. the teacher's hub name or run folder
 
     @property
-    def predict(self) -> Callable[[torch.Tensor], torch.Tensor]:
+    def predict(self) -> Callable:
         predict = self.task.predictor(self.module)
-        return lambda x: predict(check_batch(x, self.meta, self.task.export.dynamic_axes))
+        return lambda x: predict(self.task.export.check(x, self.meta))

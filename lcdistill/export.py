@@ -56,7 +56,7 @@ def to_onnx(model: nn.Module, meta: dict, path: Path, spec: ExportSpec | None = 
 
     spec = spec or tasks.of_meta(meta).export
     model = model.eval()
-    example = spec.example(meta, 2)
+    example = spec.example(meta, 2 if 0 in spec.dynamic_axes else 1)  # batch 2 shows a dynamic batch to the tracer
     dims = {axis: torch.export.Dim(name, min=1 if axis == 0 else 16, max=4096) for axis, name in spec.dynamic_axes.items()}
 
     def write(tmp: str) -> None:
@@ -66,14 +66,19 @@ def to_onnx(model: nn.Module, meta: dict, path: Path, spec: ExportSpec | None = 
             saved = os.dup(1)
             os.dup2(quiet.fileno(), 1)
             try:
-                program = torch.onnx.export(
-                    model, (example,), dynamo=True, opset_version=opset, input_names=spec.input_names, output_names=spec.output_names,
-                    dynamic_shapes=(dims,), external_data=False,
-                )
+                if spec.legacy_onnx:  # torch.export cannot trace NMS and data-dependent box counts: the TorchScript-based exporter
+                    axes = {spec.input_names[0]: dict(spec.dynamic_axes)}
+                    torch.onnx.export(model, (example,), tmp, dynamo=False, opset_version=opset, input_names=spec.input_names,
+                                      output_names=spec.output_names, dynamic_axes=axes)
+                    proto = onnx.load(tmp)
+                else:
+                    proto = torch.onnx.export(
+                        model, (example,), dynamo=True, opset_version=opset, input_names=spec.input_names, output_names=spec.output_names,
+                        dynamic_shapes=(dims,), external_data=False,
+                    ).model_proto
             finally:
                 os.dup2(saved, 1)
                 os.close(saved)
-        proto = program.model_proto
         set_metadata(proto, {**metadata(meta), "onnx_opset": str(onnx_opset(proto))})
         onnx.checker.check_model(proto, full_check=True)
         onnx.save_model(proto, tmp)
@@ -93,7 +98,8 @@ def set_metadata(proto, props: dict[str, str]) -> None:
 def to_torchscript(model: nn.Module, meta: dict, path: Path) -> Path:
     """A traced TorchScript module; metadata rides along as an extra file."""
     model = model.eval()
-    example = tasks.of_meta(meta).export.example(meta, 2)
+    spec = tasks.of_meta(meta).export
+    example = spec.example(meta, 2 if 0 in spec.dynamic_axes else 1)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         traced = torch.jit.trace(model, example, check_trace=False)
@@ -111,8 +117,10 @@ def to_pt2(model: nn.Module, meta: dict, path: Path, spec: ExportSpec | None = N
     torch.export.save with the metadata above as an extra file. A model torch.export cannot trace: one line
     naming its family."""
     spec = spec or tasks.of_meta(meta).export
+    if spec.pt2:
+        raise UserError(f"{spec.pt2}: no .pt2 file", "export it with --format onnx or torchscript instead")
     model = model.eval()
-    example = spec.example(meta, 2)
+    example = spec.example(meta, 2 if 0 in spec.dynamic_axes else 1)
     # free sizes first; an encoder-decoder whose skips need sides divisible by its stride gets multiples of 32
     strides = (None, 32) if set(spec.dynamic_axes) - {0} and all(int(v) % 32 == 0 for v in meta["input_size"][1:]) else (None,)
     first_error = None
@@ -170,7 +178,7 @@ def runner(fmt: str, path: Path) -> Callable[[torch.Tensor], torch.Tensor]:
     """A normalised batch -> the exported output, for one written format (onnx, torchscript, pt2, hub)."""
     if fmt in ("onnx", "onnx-int8"):
         session = onnx_session(path)
-        return lambda x: run_onnx(session, x)
+        return lambda x: (lambda outs: outs[0] if len(outs) == 1 else tuple(outs))(run_onnx_all(session, x))
     if fmt == "pt2":
         return load_pt2(path)
     if fmt == "hub":  # the folder built the way its card says (timm, torchvision or lcdistill)
@@ -190,9 +198,14 @@ def onnx_session(path: Path):
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def run_onnx(session, batch: torch.Tensor) -> torch.Tensor:
+def run_onnx_all(session, batch: torch.Tensor) -> list[torch.Tensor]:
+    """Every output of the session on one input batch."""
     name = session.get_inputs()[0].name
-    return torch.from_numpy(session.run(None, {name: batch.cpu().numpy().astype(np.float32)})[0])
+    return [torch.from_numpy(o) for o in session.run(None, {name: batch.cpu().numpy().astype(np.float32)})]
+
+
+def run_onnx(session, batch: torch.Tensor) -> torch.Tensor:
+    return run_onnx_all(session, batch)[0]
 
 
 def parity(model: nn.Module, files: dict[str, Path], batch: torch.Tensor, spec: ExportSpec) -> dict[str, float]:
@@ -202,7 +215,7 @@ def parity(model: nn.Module, files: dict[str, Path], batch: torch.Tensor, spec: 
     with torch.no_grad():
         for fmt, path in files.items():
             predict = runner(fmt, path)
-            result[fmt] = max(spec.compare(predict(x), model(x)) for x in (batch, batch[:1]))
+            result[fmt] = max(spec.compare(predict(x), model(x)) for x in spec.parity_inputs(batch))
     return result
 
 

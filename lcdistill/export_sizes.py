@@ -38,7 +38,7 @@ def diffs(model: nn.Module, files: dict[str, Path], shape: tuple[int, ...], spec
 def check(model: nn.Module, files: dict[str, Path], spec: ExportSpec, meta: dict) -> tuple[tuple[int, ...], dict[str, float]]:
     """For a task with dynamic height and width: (the second shape, each file's parity there);
     other tasks: (shape, {})."""
-    shape = second_shape(meta["input_size"])
+    shape = second_shape(meta["input_size"], SECOND_BATCH if 0 in spec.dynamic_axes else 1)
     if not {2, 3} <= set(spec.dynamic_axes) or not files:
         return shape, {}
     return shape, diffs(model, files, shape, spec)

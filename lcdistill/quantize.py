@@ -28,7 +28,7 @@ def calibration_batches(task, data_dir: str | Path, meta: dict, images: int = CA
         raise UserError(f"{data_dir}/train holds no images to calibrate int8 with", "pass --data DIR with a train/ folder")
     pick = torch.randperm(len(train.samples), generator=torch.Generator().manual_seed(seed))[:images].tolist()
     dataset = Subset(task.eval_dataset(train, meta), pick)
-    return [task.inputs(task.batch(b), meta["mean"], meta["std"]).numpy() for b in eval_loader(dataset, batch_size, 0)]
+    return [x.numpy() for b in eval_loader(dataset, batch_size, 0) for x in task.export.calls(task.inputs(task.batch(b), meta["mean"], meta["std"]))]
 
 
 @contextmanager

@@ -58,9 +58,9 @@ def with_noise(loader: Iterable, sigma: float, seed: int) -> Iterator[tuple]:
     """The loader's batches with N(0, sigma^2) noise added to its [0, 1] images, clipped to [0, 1]."""
     index = 0
     for images, *rest in loader:
-        noise = torch.stack([unit_noise(seed, index + i, images.shape[1:]) for i in range(len(images))])
+        noisy = [(image + sigma * unit_noise(seed, index + i, image.shape).to(image.device)).clamp(0, 1) for i, image in enumerate(images)]
         index += len(images)
-        yield ((images + sigma * noise.to(images.device)).clamp(0, 1), *rest)
+        yield (torch.stack(noisy) if isinstance(images, torch.Tensor) else noisy, *rest)  # a detector's batch is a list
 
 
 def fgsm(forward: Callable, loss: Callable, images: torch.Tensor, targets: torch.Tensor, mean, std, eps: float) -> torch.Tensor:
@@ -95,7 +95,7 @@ def measure(target, loader, device: torch.device, sigmas: Sequence[float] = NOIS
 
     # clean: the metric on this loader when the caller has it already (eval's main table), saving a pass
     result = {"metric": best, "seed": seed, "clean": value(loader) if clean is None else clean, "noise": {key(s): value(with_noise(loader, s, seed)) for s in sigmas}}
-    if target.runtime == "pytorch" and epsilons:
+    if target.runtime == "pytorch" and epsilons and task.attackable:
         target.module.eval()
 
         result["fgsm"] = {key(e): value(with_fgsm(loader, target.predict, task.attack_loss, device, mean, std, e)) for e in epsilons}

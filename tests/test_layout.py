@@ -10,7 +10,7 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "lcdistill"
 # where a task's own names may stand: the tasks, the model families, and data/ (each task's layouts)
-TASK_PLACES = ("tasks/", "models/classifiers.py", "models/segmentation.py", "data/")
+TASK_PLACES = ("tasks/", "models/classifiers.py", "models/segmentation.py", "models/detection.py", "data/")
 TASK_WORDS = ("classification", "segmentation", "detection", "top1", "miou", "aux_classifier")
 
 

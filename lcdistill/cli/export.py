@@ -32,7 +32,7 @@ def export(
 
     from lcdistill import artifacts, export as exporter
     from lcdistill.runfolder import RunFolder
-    from lcdistill.data import eval_loader, normalize
+    from lcdistill.data import eval_loader
 
     if format not in FORMATS:
         raise UserError(f"unknown --format '{format}'", "choose onnx, torchscript, pt2, hub or all")
@@ -50,10 +50,10 @@ def export(
         raise UserError("--quantize int8 needs training images to calibrate with", "pass --data DIR (the run's own data is not found)")
     if data_dir:
         splits = task.scan(data_dir, check=False)
-        images = next(iter(eval_loader(task.eval_dataset(splits.val, meta), 8, 0)))[0]
-        batch, source = normalize(images, meta["mean"], meta["std"]), f"{len(images)} val images from {data_dir}"
+        item = task.batch(next(iter(eval_loader(task.eval_dataset(splits.val, meta), 8, 0))))
+        batch, source = task.inputs(item, meta["mean"], meta["std"]), f"{len(item)} val images from {data_dir}"
     else:
-        batch, source = torch.randn(8, *meta["input_size"]), "8 random inputs (pass --data for real images)"
+        batch, source = task.export.example(meta, 8), "8 random inputs (pass --data for real images)"
     files = {}
     if format in ("onnx", "all"):
         files["onnx"] = exporter.to_onnx(model, meta, RunFolder(out_dir).export("onnx"), task.export, opset)
@@ -74,14 +74,14 @@ def export(
     worst = 0.0
     for fmt, diff in diffs.items():
         worst = max(worst, diff)
-        typer.echo(f"{fmt}: {files[fmt]}  max |diff| vs PyTorch {diff:.2e} (of the largest |logit|) on {source} and batch 1")
+        typer.echo(f"{fmt}: {files[fmt]}  max |diff| vs PyTorch {diff:.2e} ({task.export.diff_text}) on {source} and batch 1")
     if worst > tolerance:
         fail(f"export differs from PyTorch by {worst:.2e} > tolerance {tolerance:g}", 1)
     from lcdistill import export_sizes  # a dynamic height and width: parity at a second size and batch too
 
     shape, second = export_sizes.check(model, files, task.export, meta)
     for fmt, diff in second.items():
-        typer.echo(f"{fmt}: max |diff| vs PyTorch {diff:.2e} (of the largest |logit|) at batch {shape[0]}, {shape[2]}x{shape[3]} (dynamic height and width)")
+        typer.echo(f"{fmt}: max |diff| vs PyTorch {diff:.2e} ({task.export.diff_text}) at batch {shape[0]}, {shape[2]}x{shape[3]} (dynamic height and width)")
     if second and max(second.values()) > tolerance:
         fail(f"export differs from PyTorch by {max(second.values()):.2e} > tolerance {tolerance:g} at input {shape[2]}x{shape[3]}", 1)
     if quantize == "int8":
@@ -96,12 +96,16 @@ def _export_int8(model, task, meta: dict, fp32: Path, data_dir: str, images: int
 
     batches = quant.calibration_batches(task, data_dir, meta, images)
     int8 = quant.quantize(fp32, quant.int8_path(fp32), batches, str(Path(data_dir).resolve()))
+    run = exporter.runner("onnx", int8)
+    agree = total = 0
     with torch.no_grad():
-        agree, total = task.export.agreement(exporter.run_onnx(exporter.onnx_session(int8), batch), model.eval()(batch))
+        for x in task.export.calls(batch):
+            a, t = task.export.agreement(run(x), model.eval()(x))
+            agree, total = agree + a, total + t
     where = "" if task.export.unit == "images" else f" {task.export.unit}"
     mb = lambda p: p.stat().st_size / 1e6  # noqa: E731
     typer.echo(f"int8: {int8}  {mb(int8):.2f} MB (fp32 {mb(fp32):.2f} MB), calibrated on {sum(len(b) for b in batches)} train images;"
-               f" top-1 class agrees with PyTorch on {agree}/{total}{where} of {source}; measure accuracy with `lcdistill eval`")
+               f" {task.export.agreement_text} {agree}/{total}{where} of {source}; measure accuracy with `lcdistill eval`")
 
 
 def _run_data(folder: Path) -> str | None:

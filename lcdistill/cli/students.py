@@ -21,6 +21,7 @@ def students(
     runtime: str = typer.Option("onnxruntime", "--runtime", help="onnxruntime (each candidate exported to ONNX first) | torch (eager)."),
     model: Optional[List[str]] = typer.Option(None, "--model", help="Measure only these recipes / timm / torchvision names (repeatable)."),
     repeats: int = typer.Option(20, "--repeats", help="Timed batch-1 calls per candidate (the median is shown)."),
+    task_name: str = typer.Option("auto", "--task", help="auto | classification | segmentation | detection (auto: from the data layout and the models named)."),
     json_out: bool = JsonObjectOpt,
 ):
     """The shipped recipes and small models of the data's task: params, FLOPs and batch-1 latency here, fastest first."""
@@ -38,7 +39,7 @@ def students(
         raise UserError(f"--max-latency-ms {max_latency_ms:g} is not positive", "pass a budget in milliseconds, e.g. --max-latency-ms 5")
     if repeats < 1:
         raise UserError(f"--repeats {repeats} is below 1", "pass --repeats 20 or so")
-    task = tasks.for_data("auto", data)
+    task = tasks.for_data(task_name, data, (*(model or []), teacher))
     splits = task.scan(data, check=False)
     cands = survey.candidates(model, task)
     why = "--input-size"

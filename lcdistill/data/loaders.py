@@ -45,17 +45,24 @@ def _own_generator(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
+def collate_of(dataset: Dataset):
+    """The dataset's own batching (data.gpu's JPEG batches, a detector's lists), looking through Subsets."""
+    while isinstance(dataset, torch.utils.data.Subset):
+        dataset = dataset.dataset
+    return getattr(dataset, "collate", None)
+
+
 def train_loader(dataset: Dataset, batch_size: int, workers: int, seed: int, world: int, rank: int, pin: bool) -> DataLoader:
     sampler = ResumableSampler(len(dataset), seed, world, rank)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, pin_memory=pin, drop_last=True,
-                      worker_init_fn=init_worker, generator=_own_generator(seed), collate_fn=getattr(dataset, "collate", None))
+                      worker_init_fn=init_worker, generator=_own_generator(seed), collate_fn=collate_of(dataset))
 
 
 def eval_loader(dataset: Dataset, batch_size: int, workers: int, world: int = 1, rank: int = 0, pin: bool = False) -> DataLoader:
     # A plain shard per rank (no padding), so summed counts cover every image once.
     shard = torch.utils.data.Subset(dataset, list(range(rank, len(dataset), world)))
     return DataLoader(shard, batch_size=batch_size, shuffle=False, num_workers=workers, pin_memory=pin, worker_init_fn=init_worker,
-                      generator=_own_generator(0), collate_fn=getattr(dataset, "collate", None))  # a dataset may batch its own way (data.gpu)
+                      generator=_own_generator(0), collate_fn=collate_of(dataset))
 
 
 def normalize(images: torch.Tensor, mean, std) -> torch.Tensor:

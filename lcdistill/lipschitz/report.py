@@ -17,7 +17,7 @@ from torch import nn
 
 from lcdistill import methods, models, recipe as recipes, tasks
 from lcdistill.artifacts import identify
-from lcdistill.data import eval_loader, normalize
+from lcdistill.data import eval_loader
 from lcdistill.errors import UserError
 from lcdistill.lipschitz.bounds import network_upper_bound
 from lcdistill.lipschitz.tm import stage_sigmas
@@ -50,7 +50,7 @@ def trained_connectors(run_dir: Path, student: nn.Module, teacher: nn.Module, ta
 
 @torch.no_grad()
 def stage_norms(model: nn.Module, mean, std, stages: list[str], loader, device, batches: int, iterations: int,
-                connectors: nn.ModuleList | None = None) -> tuple[list[float], list[float] | None]:
+                connectors: nn.ModuleList | None = None, task=None) -> tuple[list[float], list[float] | None]:
     """Mean TM spectral norm of each consecutive pair of the named stages over `batches` batches,
     on the model's own maps and (given connectors, one per leading stage) on the connected maps."""
     model.eval().to(device)
@@ -63,7 +63,8 @@ def stage_norms(model: nn.Module, mean, std, stages: list[str], loader, device, 
             if i >= batches:
                 break
             tap.clear()
-            model(normalize(batch[0].to(device), mean, std))
+            task = task or tasks.get(tasks.LEGACY)
+            model(task.inputs(task.batch(batch).to(device), mean, std))
             features = tap.get(stages)
             own = own + stage_sigmas(features, iterations).sum(0)  # (P,)
             if connectors is not None:
@@ -81,7 +82,7 @@ def finite(value: float) -> float | None:
 
 def report(model, model_cfg: dict, teacher, teacher_cfg: dict | None, loader, device, input_size: list[int],
            min_stride: int = 4, batches: int = 4, iterations: int = 20,
-           connected: tuple[list[tuple[Stage, Stage]], nn.ModuleList] | None = None, bound: bool = True) -> dict:
+           connected: tuple[list[tuple[Stage, Stage]], nn.ModuleList] | None = None, bound: bool = True, task=None) -> dict:
     """{"stages": [{"name", "model", "teacher", "gap", ...}], "upper_bound", "teacher_upper_bound"}.
 
     connected: a london run's (pairs, connectors); rows then also hold "connected" and
@@ -99,9 +100,10 @@ def report(model, model_cfg: dict, teacher, teacher_cfg: dict | None, loader, de
         if len(mine) < 2:
             raise ValueError("the model has fewer than two stride-separated stages")
     ours, joined = stage_norms(model, model_cfg["mean"], model_cfg["std"], [s.name for s in mine], loader, device,
-                               batches, iterations, connectors)
+                               batches, iterations, connectors, task)
     if teacher is not None:
-        ref, _ = stage_norms(teacher, teacher_cfg["mean"], teacher_cfg["std"], [t.name for t in theirs], loader, device, batches, iterations)
+        ref, _ = stage_norms(teacher, teacher_cfg["mean"], teacher_cfg["std"], [t.name for t in theirs], loader, device, batches, iterations,
+                             task=task)
     rows = []
     for i, value in enumerate(ours):
         row = {
@@ -136,7 +138,7 @@ def measure(model, teacher, val, task, device, batches: int = 4, batch_size: int
     loader = eval_loader(torch.utils.data.Subset(dataset, pick), batch_size, 0)
     connected = trained_connectors(run_dir, model.model, teacher.model, task) if run_dir is not None and teacher is not None else None
     result = report(model.model, model.data_config, teacher.model if teacher else None, teacher.data_config if teacher else None,
-                    loader, device, meta["input_size"], min_stride, batches, connected=connected, bound=bound)
+                    loader, device, meta["input_size"], min_stride, batches, connected=connected, bound=bound, task=task)
     return {**result, "model": model.origin, "teacher": teacher.origin if teacher else None}
 
 
@@ -145,7 +147,7 @@ def for_target(target: str, data: str, device, teacher: str | None = None, teach
     """`lcdistill lipschitz TARGET --data DIR`: a run folder, student file or model name, beside the
     teacher named (or the run's own, whose trained connectors are then measured too)."""
     artifact = identify(target, accept=("run", "weights")) if Path(target).exists() else None
-    task = artifact.task if artifact else tasks.for_data("auto", data)
+    task = artifact.task if artifact else tasks.for_data("auto", data, (target,))
     splits = task.scan(data)
     n = len(splits.classes)
     model = artifact.loaded if artifact else task.resolve(target, n, pretrained=False)

@@ -16,8 +16,9 @@ from lcdistill.methods.dkd import DKD
 from lcdistill.methods.kd import KD
 from lcdistill.methods.london import London
 from lcdistill.methods.ofd import OFD
+from lcdistill.methods.pkd import PKD
 
-TERMS: dict[str, type[Term]] = {t.name: t for t in (KD, DKD, DIST, OFD, CWD, London)}
+TERMS: dict[str, type[Term]] = {t.name: t for t in (KD, DKD, DIST, OFD, CWD, PKD, London)}
 # Names kept for what they always meant: `london` is ce + kd + the Lipschitz term (the paper's
 # LONDON, ce + OFD + Lipschitz, is `ofd+london`).
 ALIASES: dict[str, list[str]] = {"ce": [], "kd": ["kd"], "london": ["kd", "london"]}
@@ -66,9 +67,19 @@ def build(recipe: dict, task, student, teacher, student_cfg: dict, teacher_cfg: 
     ctx = Context(student, teacher, task, input_size=recipe["data"]["input_size"])
     terms = []
     for t in terms_of(recipe["method"]):
+        missing = t.needs - task.offers
+        if missing:
+            served = ", ".join(n for n, term in TERMS.items() if term.needs <= task.offers)
+            raise UserError(f"method {t.name} needs {' and '.join(sorted(missing))} predictions or features, which {task.name} models do not give",
+                            f"choose terms {task.name} serves: {served}")
         terms.append(t(recipe[t.section], ctx))
         ctx.peers[t.name] = terms[-1]
     return Distiller(student, teacher, task, terms, recipe["loss"], student_cfg, teacher_cfg)
+
+
+def served(task) -> list[str]:
+    """The terms a task's models serve (`lcdistill methods`)."""
+    return [n for n, t in TERMS.items() if t.needs <= task.offers]
 
 
 def describe_methods() -> list[tuple[str, str]]:
@@ -76,5 +87,5 @@ def describe_methods() -> list[tuple[str, str]]:
     return [(name, " + ".join(["ce", *ALIASES[name]])) for name in METHODS]
 
 
-__all__ = ["ALIASES", "LOGIT_TERMS", "METHODS", "TERMS", "Context", "Distiller", "Step", "Term", "build", "describe_methods",
+__all__ = ["served", "ALIASES", "LOGIT_TERMS", "METHODS", "TERMS", "Context", "Distiller", "Step", "Term", "build", "describe_methods",
            "needs_teacher", "sections", "terms_of", "validate"]

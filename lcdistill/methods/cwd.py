@@ -32,6 +32,7 @@ class CWD(Term):
         "weight": 3.0,  # the paper's weight for segmentation logits (MMRazor's configs use 3 or 5)
         "temperature": 4.0,  # the paper's segmentation setting (MMRazor's configs use 1)
     }
+    needs = frozenset({"dense"})
     paper = "Shu et al., Channel-wise Knowledge Distillation for Dense Prediction, ICCV 2021"
     summary = "dense tasks: KL between per-channel spatial softmaxes of the predictions (classes as channels)"
 

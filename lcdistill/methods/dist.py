@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from lcdistill.errors import UserError
 from lcdistill.methods.base import Term
 from lcdistill.methods.dkd import rows
 
@@ -48,6 +49,7 @@ class DIST(Term):
         "gamma": 1.0,  # intra-class relation (per class, across the batch)
         "tau": 1.0,  # softmax temperature (the official CIFAR-100 setting uses 4)
     }
+    needs = frozenset({"softmax"})
     paper = "Huang et al., Knowledge Distillation from A Stronger Teacher (DIST), NeurIPS 2022"
     summary = "match Pearson correlations of softmax outputs within each sample (inter-class) and each class (intra-class)"
 
@@ -57,6 +59,9 @@ class DIST(Term):
 
     def __init__(self, settings, ctx):
         super().__init__(settings, ctx)
+        if any(ctx.task.logit_kind(m) != "softmax" for m in (ctx.student, ctx.teacher) if m is not None):
+            raise UserError(f"method dist needs softmax class scores, and this {ctx.task.name} model pair has none",
+                            "use kd (or a feature term) here")
         self.weight = float(settings["weight"])
         self.beta = float(settings["beta"])
         self.gamma = float(settings["gamma"])

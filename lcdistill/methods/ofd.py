@@ -60,6 +60,7 @@ class OFD(Term):
         "min_stride": 4,  # stages with a smaller stride are not paired
         "pairs": None,  # [[student_module, teacher_module], ...] to set the pairing by hand (stage paths)
     }
+    needs = frozenset({"probe"})
     paper = "Heo et al., A Comprehensive Overhaul of Feature Distillation, ICCV 2019"
     summary = "pre-ReLU stage features through 1x1 conv + BN connectors, partial L2 to the teacher's margin-ReLU'd features"
 

@@ -1,13 +1,13 @@
 """Models: resolve a name, run folder or weights file to a module and its data config; find its stages.
 
 loaded: Loaded and the weights-file loader (no family, no task). registry: the per-task family registry
-(parse a name, build, data config, stages, Hub card code). classifiers, segmentation: the families,
+(parse a name, build, data config, stages, Hub card code). classifiers, segmentation, detection: the families,
 registered on import. hub: which library builds a name, pretrained weights (offline-safe). runs:
 run folders and student files as models, resolve/rebuild. stages/probe: stage discovery and pairing
 for LONDON. taps: FeatureTap.
 """
 
-from lcdistill.models import classifiers, segmentation  # noqa: F401  (each registers its family)
+from lcdistill.models import classifiers, detection, segmentation  # noqa: F401  (each registers its family)
 from lcdistill.models.classifiers import data_config
 from lcdistill.models.registry import build, families, family_of, parse
 from lcdistill.models.hub import resolve_source, torchvision_names

@@ -1,0 +1,248 @@
+"""Object detection: VOC, COCO or YOLO data, torchvision detectors (their own loss dict), COCO mAP by
+torchmetrics, exports that run NMS inside.
+
+Data and its checks: lcdistill.data.detection. Models and their names: lcdistill.models.detection.
+A detector normalises and resizes inside (its transform, set to the recipe's input size), so what goes
+into it is the batch's list of [0, 1] images; in training it returns its losses, in eval its detections.
+Teacher and student get the same list, and both transforms resize it the same way: they see the same
+tensor. The logit view of a dense head (FCOS, RetinaNet) is its classification logits per location and
+anchor, [N, locations x anchors, classes], scored by a sigmoid per class.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lcdistill.data.detection import DetectionDataset, detect_layout, scan_detection
+from lcdistill.errors import UserError
+from lcdistill.models.detection import DETECTORS, background_offset, dense_head, set_input_size
+from lcdistill.tasks.base import Batch, ExportSpec, LogitView, Metric, Outputs, Splits, Task
+
+SCALE = [0.5, 2.0]  # the longer side x 0.5 .. 2.0 (torchvision references/detection's scale jitter)
+
+
+def _plain(t: torch.Tensor) -> torch.Tensor:
+    return t.as_subclass(torch.Tensor)  # tv_tensors.BoundingBoxes / Image as plain tensors
+
+
+class MeanAP(Metric):
+    """COCO mAP@[.5:.95], AP50 and AP75 in percent by torchmetrics' MeanAveragePrecision (faster-coco-eval
+    backend), ignored boxes (VOC difficult, COCO crowd) passed as crowd regions. Detections are kept per
+    image and gathered from every DDP rank before computing: an average of per-rank mAPs is not the mAP."""
+
+    best = "map"
+    columns = (("mAP %", "map"), ("AP50 %", "map_50"), ("AP75 %", "map_75"))
+
+    def __init__(self, num_classes: int):
+        self.num_classes = num_classes
+        self.preds: list[dict] = []
+        self.targets: list[dict] = []
+        self._result = None
+
+    def update(self, prediction, targets) -> None:
+        for p, t in zip(prediction, targets):
+            self.preds.append({k: _plain(p[k]).detach().float().cpu() if k != "labels" else _plain(p[k]).cpu().long() for k in ("boxes", "scores", "labels")})
+            self.targets.append({"boxes": _plain(t["boxes"]).float().cpu(), "labels": _plain(t["labels"]).cpu().long(),
+                                 "iscrowd": _plain(t["ignore"]).cpu().long()})
+        self._result = None
+
+    def sync(self, comm) -> None:
+        gathered = comm.all_gather((self.preds, self.targets))
+        self.preds = [p for preds, _ in gathered for p in preds]
+        self.targets = [t for _, targets in gathered for t in targets]
+        self._result = None
+
+    def result(self) -> dict:
+        if self._result is None:
+            from torchmetrics.detection import MeanAveragePrecision
+
+            metric = MeanAveragePrecision(box_format="xyxy", iou_type="bbox", class_metrics=True, backend="faster_coco_eval")
+            metric.update(self.preds, self.targets)
+            self._result = metric.compute()
+        return self._result
+
+    def compute(self) -> dict[str, float]:
+        if not self.targets:
+            return {"map": 0.0, "map_50": 0.0, "map_75": 0.0}
+        r = self.result()
+        return {k: max(0.0, 100.0 * float(r[k])) for k in ("map", "map_50", "map_75")}  # -1: nothing to score
+
+    def details(self, classes: list[str]) -> dict:
+        if not self.targets:
+            return {}
+        r = self.result()
+        per = dict(zip(r["classes"].reshape(-1).tolist(), r["map_per_class"].reshape(-1).tolist()))
+        return {"ap": {name: (100.0 * per[k] if per.get(k, -1) >= 0 else None) for k, name in enumerate(classes)}}
+
+    @property
+    def count(self) -> int:
+        return len(self.targets)
+
+
+class DetectorExport(nn.Module):
+    """The exported module: one image [1, 3, H, W] in [0, 1] -> (boxes [K, 4] XYXY pixels, scores [K],
+    labels [K] indexing the classes), after the detector's own NMS.
+
+    The detector runs with its score threshold at 0 and the threshold is applied after NMS: a tracer
+    follows one input's path, and where no candidate passes the threshold torchvision returns early and
+    the traced graph would hold no NMS at all. The result is the same set: a box under the threshold
+    only suppresses boxes scored lower still, and the per-image cap keeps the best-scored."""
+
+    def __init__(self, model: nn.Module, offset: int):
+        super().__init__()
+        self.model, self.offset = model, offset
+        self.holder = model.roi_heads if hasattr(model, "roi_heads") else model  # where score_thresh lives
+
+    def forward(self, x: torch.Tensor):
+        thresh = self.holder.score_thresh
+        self.holder.score_thresh = 0.0
+        try:
+            out = self.model(list(x))[0]
+        finally:
+            self.holder.score_thresh = thresh
+        keep = out["scores"] > thresh
+        return out["boxes"][keep], out["scores"][keep], out["labels"][keep] - self.offset
+
+
+def box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    from torchvision.ops import box_iou as iou
+
+    return iou(a, b)
+
+
+class DetectionExport(ExportSpec):
+    """Batch 1 (detectors' exports with NMS take one image), dynamic height and width; outputs compared
+    as matched sets: each reference box needs an exported box of its label with IoU >= 0.99."""
+
+    def example(self, meta: dict, batch: int = 1, device="cpu", generator=None):
+        return torch.rand(batch, *meta["input_size"], device=device, generator=generator)
+
+    def check(self, x, meta: dict):
+        if isinstance(x, torch.Tensor) and x.dim() == 3:
+            x = x[None]
+        if not isinstance(x, (list, tuple, torch.Tensor)) or any(not isinstance(i, torch.Tensor) or i.dim() != 3 for i in x):
+            raise UserError(f"the detector takes [3, H, W] images in [0, 1], got {type(x).__name__}", "pass a list of [3, H, W] float images")
+        return [i.float() for i in x]
+
+    def call(self, run, x, meta: dict):
+        return [dict(zip(("boxes", "scores", "labels"), (o.reshape(-1, 4) if k == 0 else o.reshape(-1) for k, o in enumerate(run(img[None])))))
+                for img in self.check(x, meta)]
+
+    def parity_inputs(self, batch):
+        return [img[None] for img in batch[:4]]
+
+    def calls(self, batch):
+        return [img[None] for img in batch]
+
+    def compare(self, got, reference) -> float:
+        """0 when every reference detection has an exported one of its label with box IoU >= 0.99 and a score
+        within 1e-3 (and the counts match); else the worst of 1 - IoU and the score difference; inf on a mismatch."""
+        (gb, gs, gl), (rb, rs, rl) = [tuple(torch.as_tensor(o).float() for o in out) for out in (got, reference)]
+        if len(gb) != len(rb) or not torch.isfinite(gb).all():
+            return float("inf")
+        if len(rb) == 0:
+            return 0.0
+        iou = box_iou(rb, gb) * (rl[:, None] == gl[None, :])
+        best, match = iou.max(1)
+        worst = max(float((1 - best).max()), float((rs - gs[match]).abs().max()))
+        return worst if worst > 1e-3 else 0.0
+
+    def agreement(self, got, reference) -> tuple[int, int]:
+        """(reference detections with an int8 one of its label at IoU >= 0.5, reference detections)."""
+        (gb, _, gl), (rb, _, rl) = [tuple(torch.as_tensor(o).float() for o in out) for out in (got, reference)]
+        if len(rb) == 0 or len(gb) == 0:
+            return 0, len(rb)
+        iou = box_iou(rb, gb) * (rl[:, None] == gl[None, :])
+        return int((iou.max(1).values >= 0.5).sum()), len(rb)
+
+
+class Detection(Task):
+    name = "detection"
+    export = DetectionExport(input_names=["images"], output_names=["boxes", "scores", "labels"], dynamic_axes={2: "height", 3: "width"},
+                             unit="detections", legacy_onnx=True, diff_text="1 - IoU or score difference of matched detections",
+                             pt2="torch.export cannot trace a detector's NMS (its box count depends on the data)",
+                             agreement_text="PyTorch's detections found by int8 (same label, IoU >= 0.5):")
+    class_dim = -1
+    offers = frozenset({"scores", "pyramid"})  # dense heads' sigmoid scores (kd), FPN levels (pkd), backbone stages (london)
+    hub_pipeline = "object-detection"
+    model_hint = DETECTORS.hint
+    recipe_defaults = {"data": {"scale": SCALE}}
+
+    # ---- data ---------------------------------------------------------------------------
+    def detect(self, root: Path) -> bool:
+        return detect_layout(root) is not None
+
+    def layout_hint(self) -> str:
+        return ("VOC (JPEGImages/, Annotations/, ImageSets/Main/{train,val}.txt), COCO (annotations/instances_{train,val}*.json) "
+                "or YOLO (images/{train,val} + labels/{train,val} + data.yaml)")
+
+    def scan(self, root, check: bool = True, skip_bad: bool = False) -> Splits:
+        train, val, report = scan_detection(root, check=check, skip_bad=skip_bad)
+        return Splits(train.classes, train, val, train.skipped + val.skipped, report.line())
+
+    def datasets(self, splits: Splits, input_size: int, data_config: dict, recipe: dict, device: torch.device):
+        d = recipe["data"]
+        scale = tuple(float(v) for v in d["scale"])
+        train = DetectionDataset(splits.train, input_size, True, recipe["train"]["seed"], scale, float(d["hflip"]), d["skip_bad_images"])
+        val = DetectionDataset(splits.val, input_size, False, skip_bad=d["skip_bad_images"])
+        return train, val
+
+    def eval_dataset(self, split, meta: dict):
+        return DetectionDataset(split, int(meta["input_size"][-1]), False)
+
+    # ---- models -------------------------------------------------------------------------
+    def configure(self, loaded, input_size: int) -> None:
+        set_input_size(loaded.model, loaded.arch, input_size)
+        loaded.data_config["input_size"] = [3, input_size, input_size]
+
+    def logit_kind(self, model: nn.Module) -> str | None:
+        return "sigmoid" if dense_head(model) else None
+
+    def feature_levels(self, model: nn.Module) -> list[tuple[str, int]]:
+        """The FPN's P3-P5 outputs (its layer blocks); P6 and P7 are 2x2 and 1x1 at 128 px, too small to carry statistics."""
+        fpn = getattr(getattr(model, "backbone", None), "fpn", None)
+        if fpn is None:
+            return []
+        return [(f"backbone.fpn.layer_blocks.{i}", block.out_channels if hasattr(block, "out_channels") else block[0].out_channels)
+                for i, block in enumerate(fpn.layer_blocks)][:3]
+
+    # ---- one forward pass ---------------------------------------------------------------
+    def inputs(self, batch: Batch, mean, std):
+        """The images in [0, 1]: a detector normalises them itself (with the same ImageNet mean/std)."""
+        return [_plain(i) for i in batch.images]
+
+    def forward(self, model: nn.Module, batch: Batch, stats, settings: dict | None = None) -> Outputs:
+        offset = background_offset(model)
+        captured = {}
+        hook = model.head.register_forward_hook(lambda m, i, o: captured.update(o)) if dense_head(model) else None
+        try:
+            if settings is not None and model.training:
+                targets = [{"boxes": _plain(t["boxes"])[~t["ignore"]], "labels": _plain(t["labels"])[~t["ignore"]] + offset} for t in batch.targets]
+                losses = model(self.inputs(batch, *stats), targets)
+                prediction = None
+            else:
+                losses, prediction = {}, self.prediction(model(self.inputs(batch, *stats)), offset)
+        finally:
+            if hook is not None:
+                hook.remove()
+        logits = LogitView(captured["cls_logits"], self.class_dim, kind="sigmoid") if "cls_logits" in captured else None
+        return Outputs(prediction, dict(losses), logits)
+
+    def prediction(self, raw, offset: int = 0):
+        return [{"boxes": d["boxes"], "scores": d["scores"], "labels": d["labels"] - offset} for d in raw]
+
+    def predictor(self, model: nn.Module):
+        offset = background_offset(model)
+        return lambda images: self.prediction(model(images), offset)
+
+    attackable = False  # FGSM needs the loss of a prediction; a detector computes its loss in training mode only
+
+    def exportable(self, model: nn.Module) -> nn.Module:
+        return DetectorExport(model, background_offset(model)).eval()
+
+    def metric(self, num_classes: int) -> Metric:
+        return MeanAP(num_classes)
+

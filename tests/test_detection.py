@@ -1,0 +1,265 @@
+"""Object detection on the task seam: digit scenes as VOC detection, torchvision detectors training on
+their own loss dict, COCO mAP (torchmetrics), LONDON and sigmoid KD on dense heads, exports with NMS
+checked as matched sets."""
+
+from __future__ import annotations
+
+import copy
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import assert_user_error, cli, cli_ok
+from lcdistill import methods, models, recipe as recipes, tasks
+from lcdistill.data.scenes import write_digit_scenes
+from lcdistill.errors import UserError
+from lcdistill.methods.kd import sigmoid_kd_loss
+from lcdistill.tasks import Batch
+from lcdistill.tasks.detection import DetectionExport, MeanAP
+
+TASK = tasks.get("detection")
+FAST = ["--input-size", "64", "--batch-size", "4", "--workers", "0", "--device", "cpu", "--set", "data.hflip=0",
+        "--set", "schedule.optimizer=adamw", "--lr", "0.001", "--set", "schedule.warmup_epochs=0"]
+TEACHER, STUDENT = "det:FCOS:resnet18", "det:FCOS:mobilenet_v3_small"
+
+
+@pytest.fixture(scope="module")
+def scenes(tmp_path_factory):
+    out = tmp_path_factory.mktemp("det") / "scenes"
+    write_digit_scenes(out, size=64, images=40)
+    return out
+
+
+@pytest.fixture(scope="module")
+def det_teacher(scenes, tmp_path_factory):
+    out = tmp_path_factory.mktemp("det-teacher") / "run"
+    cli_ok("train", "--model", TEACHER, "--data", scenes, "--task", "detection", "--epochs", "1", *FAST, "--out", out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def det_student(scenes, det_teacher, tmp_path_factory):
+    out = tmp_path_factory.mktemp("det-student") / "run"
+    result = cli_ok("compress", "--teacher", det_teacher, "--student", STUDENT, "--data", scenes, "--method", "london",
+                    "--epochs", "1", *FAST, "--set", "london.warmup_epochs=0", "--out", out)
+    return out, result.stdout
+
+
+def det(boxes, scores, labels):
+    return {"boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4), "scores": torch.tensor(scores, dtype=torch.float32),
+            "labels": torch.tensor(labels)}
+
+
+def truth(boxes, labels, ignore=None):
+    n = len(labels)
+    return {"boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4), "labels": torch.tensor(labels),
+            "ignore": torch.tensor(ignore if ignore is not None else [False] * n)}
+
+
+# ---- the metric -------------------------------------------------------------------------------
+def test_map_of_a_hand_computed_case():
+    # one object; the top-scored detection misses it, the second hits it exactly: precision 1/2 at every
+    # recall up to 1, at every IoU threshold, so AP = 50 (COCO's 101-point interpolation)
+    m = MeanAP(2)
+    m.update([det([[30, 30, 40, 40], [0, 0, 10, 10]], [0.9, 0.8], [0, 0])], [truth([[0, 0, 10, 10]], [0])])
+    assert m.compute() == pytest.approx({"map": 50.0, "map_50": 50.0, "map_75": 50.0})
+    perfect = MeanAP(2)
+    perfect.update([det([[0, 0, 10, 10]], [0.9], [1])], [truth([[0, 0, 10, 10]], [1])])
+    assert perfect.compute()["map"] == pytest.approx(100.0)
+    assert perfect.details(["a", "b"])["ap"] == {"a": None, "b": pytest.approx(100.0)}
+
+
+def test_a_detection_of_an_ignored_box_is_no_false_positive():
+    m = MeanAP(1)
+    m.update([det([[0, 0, 10, 10], [20, 20, 30, 30]], [0.9, 0.8], [0, 0])],
+             [truth([[0, 0, 10, 10], [20, 20, 30, 30]], [0, 0], [False, True])])
+    assert m.compute()["map"] == pytest.approx(100.0)
+
+
+def test_map_is_gathered_over_ranks_not_averaged():
+    # rank 0: its one object found (score 0.6); rank 1: its object missed, a false positive at 0.9
+    a = ([det([[0, 0, 10, 10]], [0.6], [0])], [truth([[0, 0, 10, 10]], [0])])
+    b = ([det([[50, 50, 60, 60]], [0.9], [0])], [truth([[0, 0, 10, 10]], [0])])
+    rank0 = MeanAP(1)
+    rank0.update(*a)
+    rank0.sync(SimpleNamespace(all_gather=lambda obj: [obj, (b[0], b[1])]))  # as if rank 1 held image b
+    both = MeanAP(1)
+    both.update(*a)
+    both.update(*b)
+    assert rank0.count == 2 and rank0.compute() == pytest.approx(both.compute())
+    # together: the FP ranks first, so precision 1/2 up to recall 1/2, 0 beyond: 0.5 x 51 of 101 recall points,
+    # not the mean of the ranks' own mAPs (100 and 0)
+    assert rank0.compute()["map"] == pytest.approx(100 * 0.5 * 51 / 101, rel=1e-4)
+
+
+# ---- export comparison ------------------------------------------------------------------------
+def test_exports_are_compared_as_matched_sets():
+    spec = DetectionExport(input_names=["images"], output_names=["boxes", "scores", "labels"], dynamic_axes={2: "height", 3: "width"})
+    ref = (torch.tensor([[0.0, 0, 10, 10], [20, 20, 30, 30]]), torch.tensor([0.9, 0.5]), torch.tensor([1, 2]))
+    swapped = tuple(t.flip(0) for t in ref)
+    assert spec.compare(swapped, ref) == 0.0  # order does not matter
+    moved = (ref[0] + torch.tensor([[0.0, 0, 2, 2], [0, 0, 0, 0]]), ref[1], ref[2])
+    assert spec.compare(moved, ref) > 0.1  # one box off by 2 px of 10
+    assert spec.compare((ref[0][:1], ref[1][:1], ref[2][:1]), ref) == float("inf")  # a detection missing
+    relabelled = (ref[0], ref[1], torch.tensor([1, 3]))
+    assert spec.compare(relabelled, ref) == pytest.approx(1.0)
+
+
+# ---- terms ------------------------------------------------------------------------------------
+def test_sigmoid_kd_is_the_bernoulli_kl_written_out():
+    s, t, T = torch.randn(2, 5, 3), torch.randn(2, 5, 3), 2.0
+    ps, pt = torch.sigmoid(s / T), torch.sigmoid(t / T)
+    kl = pt * (pt.log() - ps.log()) + (1 - pt) * ((1 - pt).log() - (1 - ps).log())
+    assert sigmoid_kd_loss(s, t, T) == pytest.approx(float(kl.sum(-1).mean() * T**2), rel=1e-5)
+    assert float(sigmoid_kd_loss(t, t, T)) == pytest.approx(0.0, abs=1e-6)
+
+
+def distiller(method: str, teacher: str = TEACHER, student: str = STUDENT):
+    recipe = recipes.build([{"student": {"name": student}, "method": method, "data": {"input_size": 64}, "london": {"warmup_epochs": 0}}],
+                           TASK.recipe_defaults)
+    loaded = [models.resolve(name, 3, pretrained=False, task="detection") for name in (student, teacher)]
+    for m in loaded:
+        TASK.configure(m, 64)
+    return methods.build(recipe, TASK, loaded[0].model, loaded[1].model, loaded[0].data_config, loaded[1].data_config)
+
+
+def batch() -> Batch:
+    gen = torch.Generator().manual_seed(0)
+    images = [torch.rand(3, 64, 64, generator=gen) for _ in range(2)]
+    targets = [truth([[8, 8, 30, 30]], [1]), truth([[20, 10, 50, 40], [2, 2, 12, 12]], [2, 0])]
+    return Batch(images, targets)
+
+
+def test_kd_and_london_train_the_student_and_never_the_teacher():
+    torch.manual_seed(0)
+    d = distiller("london")
+    before = copy.deepcopy(d.teacher.state_dict())
+    d.train()
+    _, losses = d(batch())
+    assert {"classification", "bbox_regression", "bbox_ctrness", "kd", "lip"} <= set(losses) and losses["kd"] > 0 and losses["lip"] > 0
+    for name in ("kd", "lip"):
+        d.zero_grad()
+        for p in d.teacher.parameters():
+            p.grad = None
+        losses[name].backward(retain_graph=True)
+        grads = [p.grad for p in d.student.parameters() if p.grad is not None]
+        assert grads and sum(float(g.abs().sum()) for g in grads) > 0, name
+        assert all(p.grad is None for p in d.teacher.parameters()), name
+    assert all(torch.equal(before[k], v) for k, v in d.teacher.state_dict().items())
+
+
+def test_kd_is_refused_where_grids_do_not_match_one_to_one():
+    with pytest.raises(UserError, match="kd needs class scores"):
+        distiller("kd", teacher="tv:fasterrcnn_mobilenet_v3_large_320_fpn")
+
+
+def test_teacher_and_student_see_the_same_resized_tensor():
+    d = distiller("kd")
+    seen = {}
+    for role, model in (("student", d.student), ("teacher", d.teacher)):
+        model.backbone.register_forward_pre_hook(lambda m, inp, role=role: seen.__setitem__(role, inp[0].clone()))
+    d.train()(batch())
+    assert torch.equal(seen["student"], seen["teacher"]) and seen["student"].shape[-1] == 64
+
+
+# ---- the layout and the CLI -------------------------------------------------------------------
+def test_auto_task_follows_the_model_named(scenes):
+    assert tasks.for_data("auto", scenes, (TEACHER,)).name == "detection"
+    assert tasks.for_data("auto", scenes, ("smp:FPN:resnet18",)).name == "segmentation"
+    with pytest.raises(UserError, match="--task"):
+        tasks.for_data("auto", scenes, ("resnet18",))
+
+
+def test_a_student_without_a_task_is_one_line(scenes, tmp_path):
+    out = tmp_path / "run"
+    proc = cli("train", "--model", "resnet18", "--data", scenes, "--epochs", "1", *FAST, "--out", out)
+    assert_user_error(proc, "--task", run_dir=out)
+
+
+def test_compress_export_and_eval_a_detector(scenes, det_student, tmp_path):
+    run, printed = det_student
+    assert "transmitting matrix" in printed and "voc:" in printed
+    meta = json.loads((run / "student.json").read_text())
+    assert meta["task"] == "detection" and meta["arch"]["kwargs"] == {"min_size": 64, "max_size": 64} and "map_50" in meta
+    files = tmp_path / "export"
+    result = cli_ok("export", run, "--format", "all", "--out", files)
+    assert "pt2: skipped" in result.stdout and "matched detections" in result.stdout
+    assert (files / "student.onnx").is_file() and (files / "student.pt").is_file() and (files / "hub" / "README.md").is_file()
+    import onnx
+
+    proto = onnx.load(str(files / "student.onnx"))
+
+    def nodes(graph):  # torchvision scripts its empty-input check: NMS sits in an If branch
+        for n in graph.node:
+            yield n
+            for a in n.attribute:
+                yield from (x for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)) for x in nodes(g))
+
+    assert [o.name for o in proto.graph.output] == ["boxes", "scores", "labels"]
+    assert any(n.op_type == "NonMaxSuppression" for n in nodes(proto.graph))  # NMS inside: no Python post-processing
+    saved = tmp_path / "eval.json"
+    cli_ok("eval", run, "--data", scenes, "--exports", files, "--workers", "0", "--device", "cpu", "--batch-size", "4", "--save", saved,
+           "--noise", "0.1")
+    table = json.loads(saved.read_text())
+    assert set(table["onnx"]["robustness"]["noise"]) == {"0.1"} and "fgsm" not in table["student"]["robustness"]  # noise only for detectors
+    assert {"student", "teacher", "onnx", "torchscript"} <= set(table)
+    assert table["onnx"]["map"] == pytest.approx(table["student"]["map"], abs=0.5)
+    assert set(table["student"]["ap"]) == set(meta["classes"])
+
+
+def test_pkd_is_the_mse_of_standardised_maps_written_out():
+    from lcdistill.methods.pkd import pkd_loss
+
+    gen = torch.Generator().manual_seed(3)
+    s = [torch.randn(2, 4, 6, 6, generator=gen), torch.randn(2, 4, 3, 3, generator=gen)]
+    t = [torch.randn(2, 4, 6, 6, generator=gen) * 5 + 2, torch.randn(2, 4, 3, 3, generator=gen) - 1]
+    total = 0.0
+    for a, b in zip(s, t):
+        za = torch.stack([(a[:, c] - a[:, c].mean()) / (a[:, c].std() + 1e-6) for c in range(4)], 1)
+        zb = torch.stack([(b[:, c] - b[:, c].mean()) / (b[:, c].std() + 1e-6) for c in range(4)], 1)
+        total += float(((za - zb) ** 2).mean()) / 2
+    assert float(pkd_loss(s, t)) == pytest.approx(total, rel=1e-5)
+    assert float(pkd_loss([x * 3 + 1 for x in t], t)) == pytest.approx(0.0, abs=1e-6)  # Pearson: scale and shift free
+
+
+def test_pkd_trains_the_student_and_never_the_teacher():
+    torch.manual_seed(0)
+    d = distiller("pkd")
+    d.train()
+    _, losses = d(batch())
+    assert losses["pkd"] > 0
+    losses["pkd"].backward()
+    assert sum(float(p.grad.abs().sum()) for p in d.student.backbone.parameters() if p.grad is not None) > 0
+    assert all(p.grad is None for p in d.teacher.parameters())
+    assert all(p.grad is None for p in d.student.head.parameters())  # the FPN maps come before the head
+
+
+def test_pkd_is_refused_without_a_feature_pyramid():
+    with pytest.raises(UserError, match="pkd needs pyramid"):
+        recipe = recipes.build([{"student": {"name": "resnet18"}, "method": "pkd"}])
+        methods.build(recipe, tasks.get("classification"), models.build({"source": "timm", "name": "resnet18", "kwargs": {}}, 3),
+                      models.build({"source": "timm", "name": "resnet18", "kwargs": {}}, 3), {"mean": [0.5] * 3, "std": [0.5] * 3}, None)
+
+
+@pytest.mark.slow
+def test_torchrun_gathers_detections_for_map(scenes, det_teacher, tmp_path):
+    """Two gloo processes: the validation mAP (detections gathered from both) equals one process's eval of the same weights."""
+    import subprocess
+    import sys
+
+    from conftest import subprocess_env
+
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "lcdistill", "compress",
+               "--teacher", str(det_teacher), "--student", STUDENT, "--data", str(scenes), "--method", "kd", "--epochs", "1", *FAST,
+               "--out", str(out)]
+    proc = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600, env=subprocess_env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    row = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if "epoch_end" in line][-1]
+    assert row["val_images"] == 8  # the whole val split, each image once
+    saved = tmp_path / "eval.json"
+    cli_ok("eval", out, "--data", scenes, "--no-teacher", "--workers", "0", "--device", "cpu", "--batch-size", "4", "--save", saved)
+    assert json.loads(saved.read_text())["student"]["map"] == pytest.approx(row["val_map"], abs=1e-6)
