@@ -16,14 +16,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch.utils.data import Dataset
 
 from lcdistill.data.det_coco import coco_sources, read_coco
 from lcdistill.data.det_layouts import (
     SPLITS, VOC_CLASSES, DetSample, DetSplit, Sizer, no_train_boxes, read_voc, read_yolo, voc_bases,
 )
 from lcdistill.data.images import load_rgb
-from lcdistill.data.samples import first_readable, sample_seed, seeded
+from lcdistill.data.samples import SeededDataset, first_readable, sample_seed, seeded
 from lcdistill.errors import UserError
 
 __all__ = ["VOC_CLASSES", "DetReport", "DetSample", "DetSplit", "DetectionDataset", "collate", "det_transform",
@@ -140,7 +139,7 @@ def det_transform(size: int, training: bool, scale: tuple[float, float] = (0.5, 
     ])
 
 
-class DetectionDataset(Dataset):
+class DetectionDataset(SeededDataset):
     """(image tv_tensors.Image float [3, H, W] in [0, 1], target, skipped files) per sample.
 
     target: {"boxes": tv_tensors.BoundingBoxes XYXY (canvas_size = the image's), "labels": int64 [N],
@@ -150,17 +149,10 @@ class DetectionDataset(Dataset):
 
     def __init__(self, split: DetSplit, size: int, training: bool, seed: int = 0, scale: tuple[float, float] = (0.5, 2.0),
                  hflip: float = 0.5, skip_bad: bool = False):
-        self.samples, self.classes = split.samples, split.classes
+        super().__init__(split, seed, skip_bad)
         self.items = [(s.image, s) for s in split.samples]  # first_readable loads each item's leading path
-        self.size, self.training, self.seed, self.skip_bad = size, training, seed, skip_bad
+        self.size, self.training = size, training
         self.transform = det_transform(size, training, scale, hflip)
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(self.samples)
 
     def __getitem__(self, index: int):
         from torchvision import tv_tensors

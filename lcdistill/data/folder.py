@@ -6,10 +6,9 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from torch.utils.data import Dataset
 
 from lcdistill.data.images import IMAGE_EXTENSIONS, check_image, load_rgb
-from lcdistill.data.samples import first_readable, sample_seed, seeded
+from lcdistill.data.samples import SeededDataset, first_readable, sample_seed, seeded
 from lcdistill.errors import UserError
 
 # Up to this many images are header-checked before training starts; beyond it a bad
@@ -97,22 +96,12 @@ def scan(root: str | Path, check: bool = True, skip_bad: bool = False) -> tuple[
     return train, val
 
 
-class ImageDataset(Dataset):
+class ImageDataset(SeededDataset):
     """(image in [0,1], label, skipped files) with augmentation seeded by (seed, epoch, index)."""
 
     def __init__(self, split: Split, transform, seed: int = 0, skip_bad: bool = False):
-        self.samples = split.samples
-        self.classes = split.classes
+        super().__init__(split, seed, skip_bad)
         self.transform = transform
-        self.seed = seed
-        self.epoch = 0
-        self.skip_bad = skip_bad
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(self.samples)
 
     def __getitem__(self, index: int):
         (_, label), (image,), attempt = first_readable(self.samples, index, self.skip_bad, load_rgb)

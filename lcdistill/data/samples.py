@@ -13,8 +13,26 @@ from contextlib import contextmanager
 
 import torch
 
+from torch.utils.data import Dataset
+
 from lcdistill.data.images import DECODE_ERRORS, unreadable
 from lcdistill.errors import UserError
+
+
+class SeededDataset(Dataset):
+    """What the datasets here share: their split's samples and classes, the run's seed, the epoch (set by
+    the trainer, for the per-sample seed) and the bad-file policy."""
+
+    def __init__(self, split, seed: int = 0, skip_bad: bool = False):
+        self.samples, self.classes = split.samples, split.classes
+        self.seed, self.skip_bad = seed, skip_bad
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.samples)
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:

@@ -21,11 +21,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Dataset
 
 from lcdistill.data.folder import PRECHECK_LIMIT
 from lcdistill.data.images import DECODE_ERRORS, IMAGE_EXTENSIONS, load_rgb, unreadable
-from lcdistill.data.samples import first_readable, sample_seed, seeded
+from lcdistill.data.samples import SeededDataset, first_readable, sample_seed, seeded
 from lcdistill.errors import UserError
 
 IGNORE = 255
@@ -266,7 +265,7 @@ def seg_transform(size: int, training: bool, scale: tuple[float, float] = (0.5, 
     ])
 
 
-class SegmentationDataset(Dataset):
+class SegmentationDataset(SeededDataset):
     """(image float [3, size, size] in [0, 1], mask int64 [size, size], skipped files) per sample.
 
     Augmentation is seeded by (seed, epoch, index) with the classification path's per-sample seed, and
@@ -274,16 +273,9 @@ class SegmentationDataset(Dataset):
 
     def __init__(self, split: SegSplit, size: int, training: bool, seed: int = 0, scale: tuple[float, float] = (0.5, 2.0),
                  hflip: float = 0.5, skip_bad: bool = False):
-        self.samples, self.classes = split.samples, split.classes
-        self.size, self.training, self.seed, self.skip_bad = size, training, seed, skip_bad
+        super().__init__(split, seed, skip_bad)
+        self.size, self.training = size, training
         self.transform = seg_transform(size, training, scale, hflip)
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(self.samples)
 
     def __getitem__(self, index: int):
         from torchvision import tv_tensors

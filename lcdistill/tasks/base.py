@@ -184,6 +184,15 @@ class ExportSpec:
         return int((got.argmax(1) == want).sum()), want.numel()
 
 
+def joint_datasets(dataset, splits, input_size: int, recipe: dict):
+    """(train set, val set) of a joint-transform dataset class (segmentation's, detection's): train
+    augmented by the recipe's scale and flip and seeded by the run's seed, val resized only."""
+    d = recipe["data"]
+    scale = tuple(float(v) for v in d["scale"])
+    train = dataset(splits.train, input_size, True, recipe["train"]["seed"], scale, float(d["hflip"]), d["skip_bad_images"])
+    return train, dataset(splits.val, input_size, False, skip_bad=d["skip_bad_images"])
+
+
 @dataclass
 class Splits:
     """What a task's scan returns: the class names and the two splits (task-specific sample lists)."""

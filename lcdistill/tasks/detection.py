@@ -19,7 +19,7 @@ from torch import nn
 from lcdistill.data.detection import DetectionDataset, detect_layout, scan_detection
 from lcdistill.errors import UserError
 from lcdistill.models.detection import DETECTORS, background_offset, dense_head, set_input_size
-from lcdistill.tasks.base import Batch, ExportSpec, LogitView, Metric, Outputs, Splits, Task
+from lcdistill.tasks.base import Batch, ExportSpec, LogitView, Metric, Outputs, Splits, Task, joint_datasets
 
 SCALE = [0.5, 2.0]  # the longer side x 0.5 .. 2.0 (torchvision references/detection's scale jitter)
 
@@ -184,11 +184,7 @@ class Detection(Task):
         return Splits(train.classes, train, val, train.skipped + val.skipped, report.line())
 
     def datasets(self, splits: Splits, input_size: int, data_config: dict, recipe: dict, device: torch.device):
-        d = recipe["data"]
-        scale = tuple(float(v) for v in d["scale"])
-        train = DetectionDataset(splits.train, input_size, True, recipe["train"]["seed"], scale, float(d["hflip"]), d["skip_bad_images"])
-        val = DetectionDataset(splits.val, input_size, False, skip_bad=d["skip_bad_images"])
-        return train, val
+        return joint_datasets(DetectionDataset, splits, input_size, recipe)
 
     def eval_dataset(self, split, meta: dict):
         return DetectionDataset(split, int(meta["input_size"][-1]), False)

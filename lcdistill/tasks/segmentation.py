@@ -15,7 +15,7 @@ from torch import nn
 from lcdistill.data.segmentation import SegmentationDataset, detect_layout, scan_segmentation
 from lcdistill.models import params
 from lcdistill.models.segmentation import SEGMENTATION
-from lcdistill.tasks.base import ExportSpec, LogitView, Metric, Splits, Task
+from lcdistill.tasks.base import ExportSpec, LogitView, Metric, Splits, Task, joint_datasets
 
 IGNORE = 255
 AUX_WEIGHT = 0.5  # torchvision's references/segmentation/train.py: losses["out"] + 0.5 * losses["aux"]
@@ -172,11 +172,7 @@ class Segmentation(Task):
         return Splits(train.classes, train, val, train.skipped + val.skipped)
 
     def datasets(self, splits: Splits, input_size: int, data_config: dict, recipe: dict, device: torch.device):
-        d = recipe["data"]
-        scale = tuple(float(v) for v in d["scale"])
-        train = SegmentationDataset(splits.train, input_size, True, recipe["train"]["seed"], scale, float(d["hflip"]), d["skip_bad_images"])
-        val = SegmentationDataset(splits.val, input_size, False, skip_bad=d["skip_bad_images"])
-        return train, val
+        return joint_datasets(SegmentationDataset, splits, input_size, recipe)
 
     def eval_dataset(self, split, meta: dict):
         return SegmentationDataset(split, int(meta["input_size"][-1]), False)
