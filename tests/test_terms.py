@@ -167,7 +167,7 @@ def test_cwd_matches_its_formula():
 class FakeDense:
     name = "segmentation"
     class_dim = 1
-    dense = True
+    offers = frozenset({"scores", "softmax", "dense"})
 
     class export:  # noqa: N801 - what an ExportSpec looks like
         dynamic_axes = {0: "batch", 2: "height", 3: "width"}

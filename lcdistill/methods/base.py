@@ -39,7 +39,7 @@ class Context:
 
     student: nn.Module
     teacher: nn.Module | None
-    task: Any  # its `dense` says whether predictions are per position (N, C, H, W)
+    task: Any  # what it offers the terms (Task.offers), its feature levels and logit kinds
     input_size: int | None = None  # square side the student is trained at (None: not known)
     peers: dict[str, Any] = field(default_factory=dict)  # the method's terms built so far, by name
 

@@ -4,7 +4,8 @@ ChannelWiseDivergence computes it.
 Each channel of a (N, C, H, W) map becomes a distribution over its H*W positions (softmax at
 temperature T); the loss is KL(teacher || student) summed over positions, summed over channels
 and samples, divided by N * C, times T^2. Applied to the prediction (classes as channels). A
-prediction of one score per class per image (N, C) has no positions to normalise over: the term refuses it at build.
+prediction of one score per class per image (N, C) has no positions to normalise over: a task whose models give
+none does not offer "dense", and methods.build refuses the term there.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from lcdistill.errors import UserError
 from lcdistill.methods.base import Term
 
 
@@ -42,9 +42,6 @@ class CWD(Term):
 
     def __init__(self, settings, ctx):
         super().__init__(settings, ctx)
-        if not ctx.task.dense:
-            raise UserError(f"method cwd needs dense (N, C, H, W) predictions, and {ctx.task.name} predicts one score per class per image",
-                            "use a logit term (kd, dkd or dist) here, or cwd on a task with per-pixel predictions")
         self.weight = float(settings["weight"])
         self.temperature = float(settings["temperature"])
 

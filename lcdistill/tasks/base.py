@@ -209,8 +209,9 @@ class Task:
 
     name: str
     export: ExportSpec
-    dense: bool = False  # predicts per position (N, C, H, W): feature terms such as cwd apply
-    offers: frozenset[str] = frozenset({"scores", "softmax", "probe"})  # what method terms may read (Term.needs)
+    # what method terms may read (Term.needs): class scores (softmax-normalised), per-position (dense)
+    # predictions, feature-pyramid levels, stages found by probing with one image tensor
+    offers: frozenset[str] = frozenset({"scores", "softmax", "probe"})
     hub_pipeline: str = ""  # the Hub's pipeline tag for a model card
     recipe_defaults: dict = {}  # recipe values this task sets differently from the core's (laid under the user's)
     model_hint: str = ""  # the models to pass when one of another task is named (its families' hint)

@@ -143,7 +143,6 @@ class Segmentation(Task):
     name = "segmentation"
     export = ExportSpec(input_names=["input"], output_names=["logits"], dynamic_axes={0: "batch", 2: "height", 3: "width"}, unit="pixels")
     class_dim = 1
-    dense = True
     offers = frozenset({"scores", "softmax", "dense", "probe"})
     hub_pipeline = "image-segmentation"
     model_hint = SEGMENTATION.hint
