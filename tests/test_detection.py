@@ -263,3 +263,30 @@ def test_torchrun_gathers_detections_for_map(scenes, det_teacher, tmp_path):
     saved = tmp_path / "eval.json"
     cli_ok("eval", out, "--data", scenes, "--no-teacher", "--workers", "0", "--device", "cpu", "--batch-size", "4", "--save", saved)
     assert json.loads(saved.read_text())["student"]["map"] == pytest.approx(row["val_map"], abs=1e-6)
+
+
+def test_a_stopped_detection_run_resumes_to_the_unbroken_one(scenes, det_teacher, tmp_path, monkeypatch):
+    import os
+    import signal
+
+    from safetensors.torch import load_file
+
+    from lcdistill.train import Trainer
+
+    args = ["--teacher", det_teacher, "--student", STUDENT, "--data", scenes, "--method", "kd", "--epochs", "2", *FAST]
+    unbroken = tmp_path / "unbroken"
+    cli_ok("compress", *args, "--out", unbroken)
+    real_evaluate, sent = Trainer.evaluate, []
+
+    def evaluate_then_signal(self, *a, **k):
+        if not sent:
+            sent.append(os.kill(os.getpid(), signal.SIGTERM))  # after epoch 1's last step: stop with a checkpoint
+        return real_evaluate(self, *a, **k)
+
+    monkeypatch.setattr(Trainer, "evaluate", evaluate_then_signal)
+    stopped = tmp_path / "stopped"
+    assert cli("compress", *args, "--out", stopped).exit_code == 143
+    monkeypatch.undo()
+    cli_ok("compress", "--resume", stopped)
+    one, two = load_file(unbroken / "student.safetensors"), load_file(stopped / "student.safetensors")
+    assert one.keys() == two.keys() and all(torch.equal(one[k], two[k]) for k in one)
