@@ -178,7 +178,7 @@ class Distiller(nn.Module):
         teacher = None
         if self.teacher is not None:
             with torch.no_grad():
-                teacher = self.task.forward(self.teacher, batch, self.teacher_stats).logits
+                teacher = self.task.forward(self.teacher, batch, self.teacher_stats, predict=False).logits
         step = Step(out.logits, teacher, len(batch), self.progress, self._features(student_tap), self._features(teacher_tap))
         for term in self.terms:
             losses.update(term(step))

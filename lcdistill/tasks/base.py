@@ -290,9 +290,10 @@ class Task:
     def logit_view(self, prediction, targets) -> LogitView:
         return LogitView(prediction, self.class_dim, targets)
 
-    def forward(self, model: nn.Module, batch: Batch, stats, settings: dict | None = None) -> Outputs:
+    def forward(self, model: nn.Module, batch: Batch, stats, settings: dict | None = None, predict: bool = True) -> Outputs:
         """model on the batch (fed with stats = (mean, std)): its prediction, and with loss settings and
-        targets its supervised losses and logit view."""
+        targets its supervised losses and logit view. predict=False: only what terms read (a teacher's
+        logit view and tapped features) is needed, and a task may skip the rest (a detector's NMS)."""
         raw = model(self.inputs(batch, *stats))
         prediction = self.prediction(raw)
         if settings is None or batch.targets is None:  # a teacher's pass, or inference: the scores alone

@@ -210,17 +210,22 @@ class Detection(Task):
         """The images in [0, 1]: a detector normalises them itself (with the same ImageNet mean/std)."""
         return [_plain(i) for i in batch.images]
 
-    def forward(self, model: nn.Module, batch: Batch, stats, settings: dict | None = None) -> Outputs:
+    def forward(self, model: nn.Module, batch: Batch, stats, settings: dict | None = None, predict: bool = True) -> Outputs:
         offset = background_offset(model)
         captured = {}
         hook = model.head.register_forward_hook(lambda m, i, o: captured.update(o)) if dense_head(model) else None
+        losses, prediction = {}, None
         try:
             if settings is not None and model.training:
                 targets = [{"boxes": _plain(t["boxes"])[~t["ignore"]], "labels": _plain(t["labels"])[~t["ignore"]] + offset} for t in batch.targets]
                 losses = model(self.inputs(batch, *stats), targets)
-                prediction = None
-            else:
-                losses, prediction = {}, self.prediction(model(self.inputs(batch, *stats)), offset)
+            elif predict:
+                prediction = self.prediction(model(self.inputs(batch, *stats)), offset)
+            else:  # a teacher's pass: its transform, backbone and dense head, none of the post-processing (NMS)
+                images, _ = model.transform(self.inputs(batch, *stats))
+                features = model.backbone(images.tensors)
+                if dense_head(model):
+                    model.head(list(features.values()))
         finally:
             if hook is not None:
                 hook.remove()
