@@ -158,6 +158,7 @@ def survey(task, classes: list[str], input_size: int, runtime: str, cands: list[
             try:
                 torch.manual_seed(0)
                 loaded = build()
+                task.configure(loaded, input_size)  # a detector resizes to the size it is measured at
                 meta = models.model_meta(loaded, classes, size, task.metadata(classes))
                 stats, call = runnable(loaded.model, meta, task, runtime, Path(tmp))
                 row.params, row.flops = stats["params"], stats["flops"]

@@ -290,3 +290,12 @@ def test_a_stopped_detection_run_resumes_to_the_unbroken_one(scenes, det_teacher
     cli_ok("compress", "--resume", stopped)
     one, two = load_file(unbroken / "student.safetensors"), load_file(stopped / "student.safetensors")
     assert one.keys() == two.keys() and all(torch.equal(one[k], two[k]) for k in one)
+
+
+def test_students_measures_detectors_at_the_input_size():
+    from lcdistill import students
+
+    cands = students.candidates(["det:FCOS:mobilenet_v3_small"], TASK)
+    (row,) = students.survey(TASK, [str(d) for d in range(10)], 64, "torch", cands, repeats=2)
+    assert row.error is None and row.latency_ms > 0
+    assert 0.3e9 < row.flops < 2e9  # at 64 px; at the detector's own default (800 px) it is over 100 GFLOPs
