@@ -299,3 +299,58 @@ def test_students_measures_detectors_at_the_input_size():
     (row,) = students.survey(TASK, [str(d) for d in range(10)], 64, "torch", cands, repeats=2)
     assert row.error is None and row.latency_ms > 0
     assert 0.3e9 < row.flops < 2e9  # at 64 px; at the detector's own default (800 px) it is over 100 GFLOPs
+
+
+def as_yolo_and_coco(scenes, root):
+    """The digit scenes rewritten as a YOLO set and a COCO set, from the VOC scan."""
+    import shutil
+
+    from lcdistill.data.detection import scan_detection
+
+    train, val, _ = scan_detection(scenes)
+    yolo, coco = root / "yolo", root / "coco"
+    (yolo / "data.yaml").parent.mkdir(parents=True)
+    (yolo / "data.yaml").write_text("names: [" + ", ".join(f"'{c}'" for c in train.classes) + "]\n")
+    (coco / "annotations").mkdir(parents=True)
+    for split, data in (("train", train), ("val", val)):
+        (yolo / "images" / split).mkdir(parents=True)
+        (yolo / "labels" / split).mkdir(parents=True)
+        (coco / f"{split}2017").mkdir()
+        images, annotations = [], []
+        for k, s in enumerate(data.samples):
+            w, h = s.size
+            name = f"{k}.jpg"
+            shutil.copy(s.image, yolo / "images" / split / name)
+            shutil.copy(s.image, coco / f"{split}2017" / name)
+            lines = [f"{int(c)} {(b[0] + b[2]) / 2 / w:.6f} {(b[1] + b[3]) / 2 / h:.6f} {(b[2] - b[0]) / w:.6f} {(b[3] - b[1]) / h:.6f}"
+                     for b, c in zip(s.boxes.tolist(), s.labels.tolist())]
+            (yolo / "labels" / split / f"{k}.txt").write_text("\n".join(lines) + "\n")
+            images.append({"id": k + 1, "file_name": name, "width": w, "height": h})
+            annotations += [{"id": len(annotations) + 1, "image_id": k + 1, "category_id": int(c) + 1, "iscrowd": 0,
+                             "bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]], "area": (b[2] - b[0]) * (b[3] - b[1])}
+                            for b, c in zip(s.boxes.tolist(), s.labels.tolist())]
+        categories = [{"id": i + 1, "name": c} for i, c in enumerate(train.classes)]
+        (coco / "annotations" / f"instances_{split}2017.json").write_text(json.dumps({"images": images, "annotations": annotations, "categories": categories}))
+    return train, yolo, coco
+
+
+def test_yolo_and_coco_layouts_train_through_the_task(scenes, tmp_path):
+    """The same scenes as YOLO and as COCO: the task reads the same classes and boxes, and a detector trains on a batch of each."""
+    voc, yolo, coco = as_yolo_and_coco(scenes, tmp_path)
+    model = models.resolve(TEACHER, len(voc.classes), pretrained=False, task="detection")
+    TASK.configure(model, 64)
+    recipe = recipes.build([{"student": {"name": TEACHER}, "data": {"input_size": 64, "hflip": 0}}], TASK.recipe_defaults)
+    for root in (yolo, coco):
+        task = tasks.for_data("auto", root, (TEACHER,))
+        splits = task.scan(root)
+        assert task is TASK and splits.classes == voc.classes
+        def boxes(samples):  # (class, box) of every object, rounded to 0.01 px, in any image order
+            return sorted((int(c), *(round(v, 2) for v in b)) for s in samples for b, c in zip(s.boxes.tolist(), s.labels.tolist()))
+
+        assert boxes(splits.train.samples) == boxes(voc.samples)
+        train, _ = task.datasets(splits, 64, model.data_config, recipe, torch.device("cpu"))
+        from lcdistill.data import train_loader
+
+        item = next(iter(train_loader(train, 4, 0, 0, 1, 0, False)))
+        out = task.forward(model.model.train(), task.batch(item), (None, None), recipe["loss"])
+        assert {"classification", "bbox_regression"} <= set(out.losses) and all(torch.isfinite(v) for v in out.losses.values())
