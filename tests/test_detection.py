@@ -354,3 +354,22 @@ def test_yolo_and_coco_layouts_train_through_the_task(scenes, tmp_path):
         item = next(iter(train_loader(train, 4, 0, 0, 1, 0, False)))
         out = task.forward(model.model.train(), task.batch(item), (None, None), recipe["loss"])
         assert {"classification", "bbox_regression"} <= set(out.losses) and all(torch.isfinite(v) for v in out.losses.values())
+
+
+def test_cwd_on_fpn_levels_trains_the_student_and_never_the_teacher():
+    from lcdistill.methods.cwd import cwd_loss
+
+    torch.manual_seed(0)
+    d = distiller("cwd")
+    term = d.term("cwd")
+    assert term.student_names == [f"backbone.fpn.layer_blocks.{i}" for i in range(3)]
+    captured = {}
+    original = term.forward
+    term.forward = lambda step: captured.update(s=dict(step.student_features), t=dict(step.teacher_features)) or original(step)
+    d.train()
+    _, losses = d(batch())
+    expected = sum(cwd_loss(captured["s"][n], captured["t"][n], 4.0) for n in term.student_names) * 3.0
+    assert float(losses["cwd"].detach()) == pytest.approx(float(expected.detach()), rel=1e-5) and losses["cwd"] > 0
+    losses["cwd"].backward()
+    assert sum(float(p.grad.abs().sum()) for p in d.student.backbone.parameters() if p.grad is not None) > 0
+    assert all(p.grad is None for p in d.teacher.parameters())

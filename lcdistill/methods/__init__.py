@@ -67,11 +67,10 @@ def build(recipe: dict, task, student, teacher, student_cfg: dict, teacher_cfg: 
     ctx = Context(student, teacher, task, input_size=recipe["data"]["input_size"])
     terms = []
     for t in terms_of(recipe["method"]):
-        missing = t.needs - task.offers
-        if missing:
-            served = ", ".join(n for n, term in TERMS.items() if term.needs <= task.offers)
-            raise UserError(f"method {t.name} needs {' and '.join(sorted(missing))} predictions or features, which {task.name} models do not give",
-                            f"choose terms {task.name} serves: {served}")
+        if not t.serves(task):
+            missing = " and ".join(sorted(t.needs - task.offers)) or "dense"
+            raise UserError(f"method {t.name} needs {missing} predictions or features, which {task.name} models do not give",
+                            f"choose terms {task.name} serves: {', '.join(served(task))}")
         terms.append(t(recipe[t.section], ctx))
         ctx.peers[t.name] = terms[-1]
     return Distiller(student, teacher, task, terms, recipe["loss"], student_cfg, teacher_cfg)
@@ -79,7 +78,7 @@ def build(recipe: dict, task, student, teacher, student_cfg: dict, teacher_cfg: 
 
 def served(task) -> list[str]:
     """The terms a task's models serve (`lcdistill methods`)."""
-    return [n for n, t in TERMS.items() if t.needs <= task.offers]
+    return [n for n, t in TERMS.items() if t.serves(task)]
 
 
 def describe_methods() -> list[tuple[str, str]]:

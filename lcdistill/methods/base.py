@@ -67,6 +67,11 @@ class Term(nn.Module):
         self.stats: dict[str, torch.Tensor] = {}  # detached diagnostics of the last step, logged per epoch
 
     @classmethod
+    def serves(cls, task) -> bool:
+        """Whether the term applies to a task's models (what it needs, the task offers)."""
+        return cls.needs <= task.offers
+
+    @classmethod
     def validate(cls, settings: dict) -> None:
         """Raise UserError naming the key and the fix."""
 

@@ -3,7 +3,10 @@ ChannelWiseDivergence computes it.
 
 Each channel of a (N, C, H, W) map becomes a distribution over its H*W positions (softmax at
 temperature T); the loss is KL(teacher || student) summed over positions, summed over channels
-and samples, divided by N * C, times T^2. Applied to the prediction (classes as channels). A
+and samples, divided by N * C, times T^2. Applied to the prediction (classes as channels) where the
+task predicts per position, else to the task's matching feature-pyramid levels (a detector's FPN
+P3-P5, summed over levels, as MMRazor's detection configs place it; the section's defaults are the
+segmentation ones, not tuned for FPN maps). A
 prediction of one score per class per image (N, C) has no positions to normalise over: a task whose models give
 none does not offer "dense", and methods.build refuses the term there.
 """
@@ -13,6 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from lcdistill.errors import UserError
 from lcdistill.methods.base import Term
 
 
@@ -32,9 +36,13 @@ class CWD(Term):
         "weight": 3.0,  # the paper's weight for segmentation logits (MMRazor's configs use 3 or 5)
         "temperature": 4.0,  # the paper's segmentation setting (MMRazor's configs use 1)
     }
-    needs = frozenset({"dense"})
+    needs = frozenset({"dense"})  # or a feature pyramid (serves)
     paper = "Shu et al., Channel-wise Knowledge Distillation for Dense Prediction, ICCV 2021"
-    summary = "dense tasks: KL between per-channel spatial softmaxes of the predictions (classes as channels)"
+    summary = "KL between per-channel spatial softmaxes of the predictions (classes as channels), or of FPN levels for detectors"
+
+    @classmethod
+    def serves(cls, task) -> bool:
+        return "dense" in task.offers or "pyramid" in task.offers
 
     @classmethod
     def validate(cls, settings: dict) -> None:
@@ -44,10 +52,27 @@ class CWD(Term):
         super().__init__(settings, ctx)
         self.weight = float(settings["weight"])
         self.temperature = float(settings["temperature"])
+        self.student_names, self.teacher_names = [], []
+        if "dense" not in ctx.task.offers:  # on the feature pyramid
+            student, teacher = ctx.task.feature_levels(ctx.student), ctx.task.feature_levels(ctx.teacher)
+            if not student or [c for _, c in student] != [c for _, c in teacher]:
+                raise UserError(f"method cwd needs matching feature-pyramid levels in student and teacher, and this {ctx.task.name} pair "
+                                f"has {len(student)} and {len(teacher)}", "pair detectors with an FPN of the same channels, or use kd or london")
+            self.student_names, self.teacher_names = [p for p, _ in student], [p for p, _ in teacher]
+
+    def student_taps(self) -> list[str]:
+        return self.student_names
+
+    def teacher_taps(self) -> list[str]:
+        return self.teacher_names
 
     def forward(self, step):
         if self.weight == 0:
             return {}
+        if self.student_names:
+            loss = sum(cwd_loss(step.student_features[s], step.teacher_features[t].detach(), self.temperature)
+                       for s, t in zip(self.student_names, self.teacher_names))
+            return {"cwd": self.weight * loss}
         student, teacher, class_dim = step.student.scores, step.teacher.scores, step.student.class_dim
         if class_dim not in (1, -3):
             student, teacher = student.movedim(class_dim, 1), teacher.movedim(class_dim, 1)
