@@ -56,6 +56,7 @@ def stage_norms(model: nn.Module, mean, std, stages: list[str], loader, device, 
     model.eval().to(device)
     if connectors is not None:
         connectors.eval().to(device)
+    task = task or tasks.get(tasks.LEGACY)
     tap = FeatureTap(model, stages)
     own, joined, count = 0.0, 0.0, 0
     try:
@@ -63,7 +64,6 @@ def stage_norms(model: nn.Module, mean, std, stages: list[str], loader, device, 
             if i >= batches:
                 break
             tap.clear()
-            task = task or tasks.get(tasks.LEGACY)
             model(task.inputs(task.batch(batch).to(device), mean, std))
             features = tap.get(stages)
             own = own + stage_sigmas(features, iterations).sum(0)  # (P,)

@@ -84,6 +84,16 @@ class Term(nn.Module):
                 raise UserError(f"{cls.section}.{key} must be a number {'> 0' if positive else '>= 0'}, got {v!r}",
                                 f"pass --set {cls.section}.{key}={cls.defaults[key]}")
 
+    def matching_levels(self, ctx: Context) -> tuple[list[str], list[str]]:
+        """(student paths, teacher paths) of the task's feature-pyramid levels (Task.feature_levels), which
+        must match level for level in channels; else the one-line error naming this term."""
+        student, teacher = ctx.task.feature_levels(ctx.student), ctx.task.feature_levels(ctx.teacher)
+        if not student or [c for _, c in student] != [c for _, c in teacher]:
+            raise UserError(f"method {self.name} needs matching feature-pyramid levels in student and teacher, and this {ctx.task.name} "
+                            f"pair has {len(student)} and {len(teacher)}",
+                            "pair detectors with an FPN of the same channels (det:FCOS:..., tv:fcos_resnet50_fpn), or use kd or london")
+        return [p for p, _ in student], [p for p, _ in teacher]
+
     def student_taps(self) -> list[str]:
         """Module paths of the student whose outputs the term reads."""
         return []

@@ -16,7 +16,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from lcdistill.errors import UserError
 from lcdistill.methods.base import Term
 
 
@@ -52,13 +51,8 @@ class CWD(Term):
         super().__init__(settings, ctx)
         self.weight = float(settings["weight"])
         self.temperature = float(settings["temperature"])
-        self.student_names, self.teacher_names = [], []
-        if "dense" not in ctx.task.offers:  # on the feature pyramid
-            student, teacher = ctx.task.feature_levels(ctx.student), ctx.task.feature_levels(ctx.teacher)
-            if not student or [c for _, c in student] != [c for _, c in teacher]:
-                raise UserError(f"method cwd needs matching feature-pyramid levels in student and teacher, and this {ctx.task.name} pair "
-                                f"has {len(student)} and {len(teacher)}", "pair detectors with an FPN of the same channels, or use kd or london")
-            self.student_names, self.teacher_names = [p for p, _ in student], [p for p, _ in teacher]
+        # on the prediction where the task predicts per position, else on its feature pyramid
+        self.student_names, self.teacher_names = ([], []) if "dense" in ctx.task.offers else self.matching_levels(ctx)
 
     def student_taps(self) -> list[str]:
         return self.student_names

@@ -12,7 +12,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from lcdistill.errors import UserError
 from lcdistill.methods.base import Term
 
 
@@ -50,12 +49,8 @@ class PKD(Term):
 
     def __init__(self, settings, ctx):
         super().__init__(settings, ctx)
-        student, teacher = ctx.task.feature_levels(ctx.student), ctx.task.feature_levels(ctx.teacher)
-        if not student or len(student) != len(teacher) or [c for _, c in student] != [c for _, c in teacher]:
-            raise UserError(f"method pkd needs matching feature-pyramid levels in student and teacher, and this {ctx.task.name} "
-                            f"pair has {len(student)} and {len(teacher)}", "pair detectors with an FPN of the same channels (det:FCOS:..., tv:fcos_resnet50_fpn), or use kd or london")
         self.weight = float(settings["weight"])
-        self.student_names, self.teacher_names = [p for p, _ in student], [p for p, _ in teacher]
+        self.student_names, self.teacher_names = self.matching_levels(ctx)
 
     def student_taps(self) -> list[str]:
         return self.student_names

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torchvision.ops import box_iou
 
 from lcdistill.data.detection import DetectionDataset, detect_layout, scan_detection
 from lcdistill.errors import UserError
@@ -105,12 +106,6 @@ class DetectorExport(nn.Module):
             self.holder.score_thresh = thresh
         keep = out["scores"] > thresh
         return out["boxes"][keep], out["scores"][keep], out["labels"][keep] - self.offset
-
-
-def box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    from torchvision.ops import box_iou as iou
-
-    return iou(a, b)
 
 
 class DetectionExport(ExportSpec):
