@@ -157,6 +157,10 @@ def test_a_tasks_defaults_lie_over_the_core_and_under_the_user():
     mine = build([student(), {"method": "kd"}, parse_override("schedule.lr=0.1"), parse_override("data.hflip=0.5")], seg.recipe_defaults)
     assert (mine["method"], mine["schedule"]["lr"], mine["data"]["hflip"]) == ("kd", 0.1, 0.5)
     assert build([student()], tasks.get("classification").recipe_defaults)["method"] == "london"
+    det = build([{"student": {"name": "det:FCOS:resnet18"}}], tasks.get("detection").recipe_defaults)
+    assert {k: det["schedule"][k] for k in ("optimizer", "lr", "batch_size", "weight_decay", "warmup_epochs")} == {
+        "optimizer": "adamw", "lr": 0.002, "batch_size": 16, "weight_decay": 1e-4, "warmup_epochs": 1}
+    assert det["data"]["scale"] == [0.75, 1.25] and det["data"]["hflip"] == 0
 
 
 def test_the_run_header_says_when_the_method_is_the_tasks_default():
