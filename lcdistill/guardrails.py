@@ -34,12 +34,17 @@ def image_size(median_side: float | None, input_size: int) -> str | None:
             f"{input_size / median_side:.0f}x: pass --input-size {side} (or near it; data.input_size in a recipe)")
 
 
+def shorter(epochs: int) -> int:
+    """A warm-up to suggest: a fifth of training, at least one epoch where training has two or more."""
+    return max(epochs // 5, 1 if epochs > 1 else 0)
+
+
 def warmup(epochs: int, warmup_epochs: float) -> str | None:
     """Warm-up as long as training: the learning rate never reaches its peak, and cosine never decays."""
     if not warmup_epochs or warmup_epochs < epochs:
         return None
     return (f"warm-up lasts {warmup_epochs:g} of {epochs} epochs, so the learning rate never reaches --lr: "
-            f"lower it with --set schedule.warmup_epochs={max(0, epochs // 5)} or raise --epochs")
+            f"lower it with --set schedule.warmup_epochs={shorter(epochs)} or raise --epochs")
 
 
 def term_warmup(section: str, key: str, epochs: int, warmup_epochs: float) -> str | None:
@@ -47,7 +52,7 @@ def term_warmup(section: str, key: str, epochs: int, warmup_epochs: float) -> st
     if not warmup_epochs or warmup_epochs < epochs:
         return None
     return (f"{section} ramps in over {section}.{key}={warmup_epochs:g} of {epochs} epochs, so it never reaches its full weight: "
-            f"lower it with --set {section}.{key}={max(0, epochs // 5)} or raise --epochs")
+            f"lower it with --set {section}.{key}={shorter(epochs)} or raise --epochs")
 
 
 def term_warmups(epochs: int, warmups: Iterable[tuple[str, str, float]]) -> list[str]:

@@ -1,5 +1,5 @@
 """Collapsed predictions: each task's metric says when its predictions collapsed (top-1 at chance, one
-class on nearly every labelled pixel), the validator warns once after two such validations in a row,
+class on nearly every labelled pixel, no detection above the score threshold), the validator warns once after two such validations in a row,
 and a real run made to collapse (lr 1e-9: the random net predicts one class) prints that line once."""
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from rich.console import Console
 
 from conftest import cli_ok
 from lcdistill.tasks.classification import TopK
+from lcdistill.tasks.detection import MeanAP
 from lcdistill.tasks.segmentation import IGNORE, ConfusionMatrix
 from lcdistill.train.validator import COLLAPSED_VALIDATIONS, Validator
 
@@ -70,6 +71,19 @@ def test_unlabelled_pixels_and_one_class_labels_do_not_count():
     assert ConfusionMatrix(3).collapsed() is None  # nothing measured
 
 
+def test_no_detection_above_the_threshold_is_collapsed():
+    target = {"boxes": torch.tensor([[2.0, 2, 10, 10]]), "labels": torch.tensor([1]), "ignore": torch.tensor([False])}
+    nothing = {"boxes": torch.zeros(0, 4), "scores": torch.zeros(0), "labels": torch.zeros(0, dtype=torch.long)}
+    empty = MeanAP(3)
+    empty.update([nothing, nothing], [target, target])
+    assert empty.collapsed() == "no detection above the score threshold on 2 val images"
+    one = MeanAP(3)
+    wrong = {"boxes": torch.tensor([[20.0, 20, 30, 30]]), "scores": torch.tensor([0.3]), "labels": torch.tensor([2])}
+    one.update([nothing, wrong], [target, target])
+    assert one.collapsed() is None  # a wrong detection is a poor model, not a collapsed one
+    assert MeanAP(3).collapsed() is None  # nothing measured
+
+
 # ---- the validator: twice in a row, said once -----------------------------------------------------------
 class Fixed:
     def __init__(self, what):
@@ -79,9 +93,9 @@ class Fixed:
         return self.what
 
 
-def validator(console: Console) -> Validator:
-    v = Validator.__new__(Validator)  # only the collapse bookkeeping and the console are used here
-    v.console, v.scored, v.collapses, v.warned = console, [], 0, False
+def validator(console: Console, optimizer: str = "sgd") -> Validator:
+    v = Validator.__new__(Validator)  # only the collapse bookkeeping, the optimizer's name and the console are used here
+    v.console, v.scored, v.collapses, v.warned, v.optimizer = console, [], 0, False, optimizer
     return v
 
 
@@ -96,6 +110,17 @@ def test_the_validator_warns_once_after_two_collapsed_validations():
     assert len(lines) == 1, lines
     assert f"collapsed at {COLLAPSED_VALIDATIONS} validations in a row (top-1 at chance)" in lines[0]
     assert "--lr" in lines[0] and "schedule.optimizer=adamw" in lines[0] and "--batch-size" in lines[0]
+
+
+def test_the_advice_does_not_suggest_the_optimizer_already_set():
+    console = Console(record=True, width=200, no_color=True)
+    v = validator(console, optimizer="adamw")
+    for _ in range(2):
+        val = {"miou": 0.0}
+        v.scored.append((val, Fixed("class 0 predicted on 100.0% of labelled pixels")))
+        v.warn_collapse(val)
+    line = next(line for line in console.export_text().splitlines() if line.startswith("warning:"))
+    assert "--lr" in line and "--batch-size" in line and "adamw" not in line
 
 
 def test_the_validator_reads_the_students_metric_not_the_emas():

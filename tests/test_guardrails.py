@@ -36,6 +36,9 @@ def test_warmup_as_long_as_training():
     assert guardrails.warmup(1, 5) is not None
     assert guardrails.warmup(10, 2) is None
     assert guardrails.warmup(3, 0) is None
+    assert "warmup_epochs=1 " in guardrails.warmup(3, 5)  # a fifth of 3 epochs rounds to 0: still one epoch to ramp
+    assert "warmup_epochs=4 " in guardrails.warmup(20, 20)
+    assert "warmup_epochs=0 " in guardrails.warmup(1, 1)  # one epoch leaves no room for a ramp
 
 
 def test_a_terms_warmup_as_long_as_training():
@@ -161,5 +164,5 @@ def test_a_terms_warmup_longer_than_the_run_warns(small_data, teacher_run, tmp_p
                  "--set", "data.crop_pct=1.0", "--set", "schedule.warmup_epochs=0", "--out", tmp_path / "run")  # the recipe's 5: not this test's
     lines = warnings_of(result)
     assert len(lines) == 2, lines
-    assert "--set dkd.warmup_epochs=0" in lines[0] and "20 of 3 epochs" in lines[0]
-    assert "--set london.warmup_epochs=0" in lines[1]
+    assert "--set dkd.warmup_epochs=1" in lines[0] and "20 of 3 epochs" in lines[0]  # at least one epoch of ramp
+    assert "--set london.warmup_epochs=1" in lines[1]

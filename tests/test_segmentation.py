@@ -23,7 +23,7 @@ from lcdistill.data.scenes import CLASSES, write_digit_scenes
 
 TEACHER = "tv:lraspp_mobilenet_v3_large"  # 3.2M params: the fastest torchvision segmentation model on CPU
 STUDENT = "smp:DeepLabV3Plus:tu-mobilenetv3_small_100"  # 2.2M params
-SEG = ["--epochs", "1", "--input-size", "64", "--batch-size", "16", "--workers", "0", "--device", "cpu"]
+SEG = ["--epochs", "1", "--input-size", "64", "--batch-size", "16", "--workers", "0", "--device", "cpu"]  # the task's AdamW and lr
 EVAL = ["--workers", "0", "--device", "cpu"]
 
 
@@ -40,7 +40,7 @@ def scenes(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def seg_teacher(scenes, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("seg-teacher") / "run"
-    cli_ok("train", "--model", TEACHER, "--data", scenes, *SEG, "--lr", "0.05", "--out", out)
+    cli_ok("train", "--model", TEACHER, "--data", scenes, *SEG, "--out", out)
     return out
 
 
@@ -53,7 +53,7 @@ def seg_student(scenes, seg_teacher, tmp_path_factory):
         if method not in made:
             out = tmp_path_factory.mktemp(f"seg-{method}") / "run"
             result = cli_ok("compress", "--teacher", seg_teacher, "--student", STUDENT, "--data", scenes, "--method", method,
-                            *SEG, "--lr", "0.05", "--out", out)
+                            *SEG, "--out", out)
             made[method] = out, result.stdout
         return made[method]
 

@@ -39,7 +39,7 @@ class Trainer:
         self.train_set = train_set
         self.loader, val_loader = setup.loaders(train_set, val_set, self.local_batch, int(recipe["data"]["workers"]), train["seed"], runtime)
         self.steps_per_epoch = len(self.loader)
-        self.validator = Validator(self.task, num_classes, val_loader, runtime, self.checkpointer, console)
+        self.validator = Validator(self.task, num_classes, val_loader, runtime, self.checkpointer, console, sched["optimizer"])
         self._call("before_optimizer", distiller)
         self.optimizer, self.scheduler, self.scaler, self.ema = setup.optimization(distiller, self.student, recipe, self.steps_per_epoch, runtime)
         self.position = state.Position()

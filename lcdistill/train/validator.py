@@ -18,8 +18,10 @@ COLLAPSED_VALIDATIONS = 2  # collapsed validations in a row that earn the warnin
 class Validator:
     """Scores models on val with the task's metric (built once) and keeps the best value seen."""
 
-    def __init__(self, task, num_classes: int, loader, runtime: Runtime, checkpointer: Checkpointer, console: Console):
+    def __init__(self, task, num_classes: int, loader, runtime: Runtime, checkpointer: Checkpointer, console: Console,
+                 optimizer: str = "sgd"):
         self.task, self.loader, self.runtime, self.checkpointer, self.console = task, loader, runtime, checkpointer, console
+        self.optimizer = optimizer  # the collapse advice does not suggest what is already set
         self.metric = task.metric(num_classes)
         self.num_classes = num_classes
         self.best = -math.inf  # the best value of the metric's `best` so far (of what is shipped)
@@ -68,7 +70,8 @@ class Validator:
         self.collapses = self.collapses + 1 if what else 0
         if self.collapses == COLLAPSED_VALIDATIONS and not self.warned:
             self.warned = True
+            adamw = "" if "adamw" in self.optimizer.lower() else "--set schedule.optimizer=adamw, "
             self.console.print(f"[bold yellow]warning[/]: the predictions collapsed at {COLLAPSED_VALIDATIONS} validations in a row "
-                               f"({escape(what)}): try a lower --lr (a higher one if the loss never fell), --set schedule.optimizer=adamw, "
+                               f"({escape(what)}): try a lower --lr (a higher one if the loss never fell), {adamw}"
                                "or a smaller --batch-size",
                                soft_wrap=True, highlight=False)
