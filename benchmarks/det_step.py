@@ -20,7 +20,9 @@ import torch
 from lcdistill import methods, models, recipe as recipes, tasks
 from lcdistill.tasks import Batch
 
-METHODS = ("ce", "kd", "pkd", "ce+london", "kd+london")
+METHODS = ("ce", "ce+teacher pass", "kd", "cwd", "pkd", "ce+london", "kd+london")
+# "ce+teacher pass": the detector's loss plus the teacher's no-grad pass that every term needs, and no term:
+# what any term costs at least, so each term's own share is its row minus this one
 
 
 def batch(size: int, n: int) -> Batch:
@@ -37,6 +39,8 @@ def step_fn(method: str, size: int):
     loaded = [models.resolve(name, 10, pretrained=False, task="detection") for name in ("det:FCOS:mobilenet_v3_small", "det:FCOS:resnet18")]
     for m in loaded:
         task.configure(m, size)
+    teacher_pass = method == "ce+teacher pass"
+    method = "ce" if teacher_pass else method
     recipe = recipes.build([{"student": {"name": "det:FCOS:mobilenet_v3_small"}, "method": method, "data": {"input_size": size},
                              "london": {"warmup_epochs": 0}}], task.recipe_defaults)
     distiller = methods.build(recipe, task, loaded[0].model, loaded[1].model, loaded[0].data_config, loaded[1].data_config)
@@ -45,6 +49,9 @@ def step_fn(method: str, size: int):
 
     def step(b: Batch) -> None:
         _, losses = distiller(b)
+        if teacher_pass:  # as the distiller does for a term (methods/base.py), its result unused
+            with torch.no_grad():
+                task.forward(loaded[1].model.eval(), b, (loaded[1].data_config["mean"], loaded[1].data_config["std"]), predict=False)
         optimizer.zero_grad(set_to_none=True)
         sum(losses.values()).backward()
         optimizer.step()

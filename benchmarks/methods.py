@@ -1,14 +1,17 @@
 """Which distillation terms help, and what the Lipschitz term adds: ce, kd, dkd, dist, ofd, each with and
-without `+london`, on few digits, several seeds, paired.
+without `+london`, several seeds, paired.
 
-The teacher (timm resnet18) trains on all digits train images; every student (mobilenetv2_050) sees only
---fractions of them (per class, one fixed subset per fraction), so distillation has room to show. Every
-method runs on the same seeds; a `X+london` row is compared with its `X` row seed by seed (paired
-difference, mean +- std over seeds), for clean val top-1 and for top-1 under Gaussian noise and one-step
-FGSM (lcdistill.robustness, the numbers `lcdistill eval --robustness` prints). Writes markdown tables to
-benchmarks/results/methods.md (and the raw numbers beside it, methods.json) and prints them.
+--dataset crops (the default): `lcdistill data digit-crops` (10,000 train / 2,000 val at 32 px, val from
+writers train never sees), the whole train set (--fractions 1). --dataset digits: the 1,797 plain digits,
+where the teacher (timm resnet18) trains on all train images and every student sees only --fractions of
+them (per class, one fixed subset per fraction). Every method runs on the same seeds; a `X+london` row is
+compared with its `X` row seed by seed: the paired difference's mean with its standard error (std /
+sqrt(n)) and how many seeds went each way, for clean val top-1 and for top-1 under Gaussian noise and
+one-step FGSM (lcdistill.robustness, the numbers `lcdistill eval --robustness` prints). Writes markdown
+tables to benchmarks/results/methods.md (and the raw numbers beside it, methods.json) and prints them.
 
-    python benchmarks/methods.py --fractions 0.1 0.2 --seeds 0 1 2 3 4 --jobs 2
+    python benchmarks/methods.py --seeds 0 1 2 3 4 5 6 7 --jobs 2 --threads 1
+    python benchmarks/methods.py --dataset digits --fractions 0.1 0.2 --epochs 20 10 --seeds 0 1 2 3 4 --jobs 2
 
 A spec is METHOD[@key=value@...]: `kd+london@london.student_side=raw` is kd+london on the student's
 own maps; it is paired with `kd`, the spec's method without `+london`.
@@ -22,6 +25,7 @@ import json
 import multiprocessing
 import shutil
 import statistics
+import sys
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -32,6 +36,7 @@ from rich.console import Console
 
 from lcdistill import models, recipe as recipes, robustness, run as runs, tasks
 from lcdistill.data import scan, write_digits
+from lcdistill.data.crops import write_digit_crops
 from lcdistill.lipschitz import report as lipschitz_report
 from publish import publish  # benchmarks/publish.py: scripts run from this folder
 
@@ -109,24 +114,33 @@ def mean_std(values: list[float]) -> str:
     return f"{statistics.mean(values):.2f} +- {std:.2f}"
 
 
-def paired(rows: list[dict], base_rows: list[dict], key) -> str:
+def paired(rows: list[dict], base_rows: list[dict], key, counts: bool = False) -> str:
+    """The seed-by-seed difference: `+0.42 (se 0.21)`, its standard error std / sqrt(n); with counts, how many
+    seeds went up and down (`5 up, 3 down`)."""
     by_seed = {r["seed"]: key(r) for r in base_rows}
     diffs = [key(r) - by_seed[r["seed"]] for r in rows if r["seed"] in by_seed]
-    return f"{mean_std(diffs)}" if diffs else "-"
+    if not diffs:
+        return "-"
+    se = statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else float("nan")
+    text = f"{statistics.mean(diffs):+.2f} (se {se:.2f})"
+    if counts:
+        text += f", {sum(d > 0 for d in diffs)} up, {sum(d < 0 for d in diffs)} down"
+    return text
 
 
 def tables(fraction: float, n_train: int, results: list[dict], args, teacher_row: dict) -> str:
     specs = [s for s in args.methods if any(r["spec"] == s for r in results)]
     rows = {s: sorted((r for r in results if r["spec"] == s), key=lambda r: r["seed"]) for s in specs}
     levels = robustness.columns([teacher_row["robustness"]])  # (kind, key, header)
-    lines = [f"### {fraction:.0%} of digits train ({n_train} images), {epochs_at(args, fraction)} epochs, {args.student} at {args.size} px, seeds {sorted({r['seed'] for r in results})}", "",
-             "Clean val top-1 (359 images). Paired: this row minus its row without `+london`, seed by seed. Gaps: mean over "
+    lines = [f"### {fraction:.0%} of {args.dataset} train ({n_train} images), {epochs_at(args, fraction)} epochs, {args.student} at {args.size} px, seeds {sorted({r['seed'] for r in results})}", "",
+             f"Clean val top-1 ({args.n_val} images). Paired: this row minus its row without `+london`, seed by seed, mean (standard error), "
+             "seeds up and down. Gaps: mean over "
              "stage pairs of |student - teacher| transmitting-matrix sigma on val, the student's own maps (raw) and, for runs "
              "with Lipschitz connectors, through them (connected).", "",
              "| method | top-1 % | paired vs base | per seed | raw gap | connected gap |", "|---|---|---|---|---|---|"]
     for s in specs:
         base = base_of(s)
-        diff = paired(rows[s], rows[base], lambda r: r["top1"]) if base in rows else ""
+        diff = paired(rows[s], rows[base], lambda r: r["top1"], counts=True) if base in rows else ""
         tops = [r["top1"] for r in rows[s]]
         connected = [r["gap"]["connected"] for r in rows[s] if "connected" in r["gap"]]
         raw_gap = statistics.mean(r["gap"]["raw"] for r in rows[s])
@@ -143,29 +157,36 @@ def tables(fraction: float, n_train: int, results: list[dict], args, teacher_row
             key = lambda r, kind=kind, k=k: r["robustness"][kind][k]  # noqa: E731
             cell = f"{statistics.mean(key(r) for r in rows[s]):.2f}"
             if base in rows:
-                cell += f" ({paired(rows[s], rows[base], key)})"
+                cell += f" [{paired(rows[s], rows[base], key)}]"
             cells.append(cell)
         lines.append(f"| {s} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def compare(args, work: Path) -> None:
-    full = work / "digits"
-    write_digits(full)
+    full = work / args.dataset
+    if args.dataset == "crops":
+        _, args.n_val = write_digit_crops(full, size=args.size, train=args.train, val=args.val)
+    else:
+        args.n_val = write_digits(full)[1]
     start = time.time()
     teacher = Path(args.teacher) if args.teacher else work / "teacher"
     if not args.teacher:
         train([{"student": {"source": "timm", "name": "resnet18"}, "method": "ce",
-                "schedule": {"epochs": args.teacher_epochs, "batch_size": 64, "lr": 0.1, "warmup_epochs": 1}}, digits_data(args.size)],
+                "schedule": {"epochs": args.teacher_epochs, "batch_size": 64, "lr": args.teacher_lr, "warmup_epochs": 1}}, digits_data(args.size)],
               full, None, teacher)
     measured = robustness.measure_run(teacher, full)["student"]
     teacher_row = {"top1": measured["clean"], "robustness": measured}
-    print(f"teacher resnet18 on all {len(scan(full, check=False)[0].samples)} train images: {json.dumps(teacher_row)}", flush=True)
+    print(f"teacher resnet18 on all {len(scan(full, check=False)[0].samples)} {args.dataset} train images: {json.dumps(teacher_row)}", flush=True)
 
     sizes = {}
     for fraction in args.fractions:
-        subset(full, work / f"few-{fraction}", fraction)
-        sizes[fraction] = len(scan(work / f"few-{fraction}", check=False)[0].samples)
+        few = work / f"few-{fraction}"
+        if fraction == 1:
+            few.symlink_to(full, target_is_directory=True)
+        else:
+            subset(full, few, fraction)
+        sizes[fraction] = len(scan(few, check=False)[0].samples)
     # seed by seed, so a benchmark stopped early still has every method on the seeds it finished
     jobs = [{"spec": spec, "seed": seed, "fraction": fraction, "data": str(work / f"few-{fraction}"), "teacher": str(teacher),
              "student": args.student, "size": args.size, "epochs": epochs_at(args, fraction), "lr": args.lr, "sets": args.sets,
@@ -179,7 +200,7 @@ def compare(args, work: Path) -> None:
             results.append(r)
             print(json.dumps(r), flush=True)
             # after every run, so a stopped benchmark keeps what it measured (--render reads it)
-            raw.write_text(json.dumps({"args": vars(args), "teacher": teacher_row, "sizes": sizes, "seconds": time.time() - start,
+            raw.write_text(json.dumps({"args": vars(args), "command": " ".join(sys.argv[1:]), "teacher": teacher_row, "sizes": sizes, "seconds": time.time() - start,
                                        "runs": results}, indent=1))
     render(raw, args.out)
 
@@ -187,11 +208,12 @@ def compare(args, work: Path) -> None:
 def render(raw: Path, out: str | None) -> None:
     """The markdown tables of a raw results file."""
     saved = json.loads(Path(raw).read_text())
-    args, teacher_row, results = argparse.Namespace(**saved["args"]), saved["teacher"], saved["runs"]
+    args, teacher_row, results = argparse.Namespace(**{"dataset": "digits", "n_val": 359, **saved["args"]}), saved["teacher"], saved["runs"]
     sizes = {float(k): v for k, v in saved["sizes"].items()}
     done = sorted({r["seed"] for r in results})
-    head = [f"## {args.student} from a resnet18 teacher, digits at {args.size} px, seeds {done}", "",
-            f"Teacher: timm resnet18, {f'run {args.teacher}' if args.teacher else f'{args.teacher_epochs} epochs'} on all digits train images, "
+    head = [f"## {args.student} from a resnet18 teacher, {args.dataset} at {args.size} px, seeds {done}", "",
+            *([f"`python benchmarks/methods.py {saved['command']}`", ""] if "command" in saved else []),
+            f"Teacher: timm resnet18, {f'run {args.teacher}' if args.teacher else f'{args.teacher_epochs} epochs'} on all {args.dataset} train images, "
             f"val top-1 {teacher_row['top1']:.2f}. Every student: "
             f"batch 32, SGD lr {args.lr} with 2 warm-up epochs and cosine decay, each term's recipe defaults. "
             f"Extra overrides: {args.sets or 'none'}. Took {saved['seconds']:.0f} s, {args.jobs} jobs x {args.threads} CPU threads; "
@@ -203,27 +225,40 @@ def render(raw: Path, out: str | None) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--fractions", type=float, nargs="+", default=[0.1, 0.2])
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
-    ap.add_argument("--epochs", type=int, nargs="+", default=[20, 10],
-                    help="student epochs, one for every fraction (or one for all): 20 at 10%% and 10 at 20%% make the same ~100 steps")
+    ap.add_argument("--dataset", choices=("crops", "digits"), default="crops")
+    ap.add_argument("--train", type=int, default=10000, help="crops: train images")
+    ap.add_argument("--val", type=int, default=2000, help="crops: val images")
+    ap.add_argument("--fractions", type=float, nargs="+", default=[1.0])
+    ap.add_argument("--seeds", type=int, nargs="+", default=list(range(8)))
+    ap.add_argument("--epochs", type=int, nargs="+", default=[10],
+                    help="student epochs, one for every fraction (or one for all)")
     ap.add_argument("--size", type=int, default=32)
     ap.add_argument("--teacher-epochs", type=int, default=10)
+    ap.add_argument("--teacher-lr", type=float, default=0.1)
     ap.add_argument("--teacher", help="a finished teacher run folder to reuse (trained at --size on all digits)")
     ap.add_argument("--lr", type=float, default=0.02, help="peak lr of every student run")
     ap.add_argument("--student", default="mobilenetv2_050")
     ap.add_argument("--methods", nargs="+", default=METHODS, help="METHOD[@key=value...] specs")
     ap.add_argument("--set", dest="sets", action="append", default=[], help="extra recipe override for every student run")
+    run_options(ap, "benchmarks/results/methods.md")
+    run_or_render(ap.parse_args(), compare, render, "lcd-bench-")
+
+
+def run_options(ap: argparse.ArgumentParser, out: str) -> None:
+    """--jobs, --threads, --out and --render, as every methods benchmark takes them."""
     ap.add_argument("--jobs", type=int, default=1, help="student runs at once (processes)")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads per run (default: all cores / jobs)")
-    ap.add_argument("--out", default="benchmarks/results/methods.md")
+    ap.add_argument("--out", default=out)
     ap.add_argument("--render", metavar="JSON", help="only print (and append to --out) the tables of a raw results file")
-    args = ap.parse_args()
+
+
+def run_or_render(args, compare, render, prefix: str) -> None:
+    """render(--render, --out), or compare(args, a scratch folder removed afterwards)."""
     if args.render:
         render(Path(args.render), args.out)
         return
     args.threads = args.threads or max(1, torch.get_num_threads() // args.jobs)
-    work = Path(tempfile.mkdtemp(prefix="lcd-bench-"))
+    work = Path(tempfile.mkdtemp(prefix=prefix))
     try:
         compare(args, work)
     finally:

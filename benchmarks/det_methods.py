@@ -1,0 +1,148 @@
+"""Detection: the detector's loss alone vs kd, cwd, pkd, london, and the best of them + london, on digit
+scenes, several seeds, paired by seed.
+
+One teacher is trained from scratch on the scenes; every student method runs on the same seeds with the
+same schedule. The defaults are `make demo-det`'s setting (data, models, schedule, london warm-up), so
+the table says how the demo's student would fare with each method. The `+london` run takes the best
+mean mAP among kd, cwd and pkd (or ce, if none beats it) once every seed of those has run. Writes the
+raw numbers to benchmarks/results/det_methods.json after every run and appends a markdown table to
+benchmarks/results/det_methods.md:
+
+    python benchmarks/det_methods.py --seeds 0 1 2 [--jobs 2]
+    python benchmarks/det_methods.py --render benchmarks/results/det_methods.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import multiprocessing
+import shutil
+import statistics
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import torch
+
+from lcdistill.data.scenes import write_digit_scenes
+from methods import mean_std, run_options, run_or_render, train  # benchmarks/methods.py: the classification twin of this benchmark
+from publish import publish  # benchmarks/publish.py: scripts run from this folder
+
+# as the Makefile's DET (schedule and data) and the demo student's london warm-up
+SCHEDULE = {"batch_size": 16, "optimizer": "adamw", "weight_decay": 1e-4, "warmup_epochs": 1}
+DATA = {"hflip": 0.0, "scale": [0.75, 1.25], "workers": 0}
+TERMS = {"london": {"warmup_epochs": 1}}
+FIRST = ["ce", "kd", "cwd", "pkd", "london"]
+CANDIDATES = ("kd", "cwd", "pkd")  # the terms a "+london" run may build on
+
+
+def layers(args, model: str, method: str, seed: int, epochs: int, lr: float) -> list[dict]:
+    return [{"task": "detection", "student": {"name": model}, "method": method, "train": {"seed": seed, "device": "cpu"},
+             "schedule": {**SCHEDULE, "epochs": epochs, "lr": lr}, **TERMS},
+            {"data": {**DATA, "input_size": args.size}}]
+
+
+def one_run(job: dict) -> dict:
+    """A student run in a worker process with its own thread count."""
+    torch.set_num_threads(job["threads"])
+    args = argparse.Namespace(**job["args"])
+    start = time.time()
+    out = Path(job["out"])
+    summary = train(layers(args, args.student, job["method"], job["seed"], args.epochs, args.lr), Path(job["data"]),
+                    None if job["method"] == "ce" else job["teacher"], out)
+    shutil.rmtree(out, ignore_errors=True)
+    s = summary["student"]
+    return {"method": job["method"], "seed": job["seed"], "map": s["map"], "map_50": s["map_50"], "seconds": time.time() - start}
+
+
+def best_base(results: list[dict]) -> str:
+    means = {m: statistics.mean(r["map"] for r in results if r["method"] == m) for m in ("ce", *CANDIDATES)
+             if any(r["method"] == m for r in results)}
+    best = max((m for m in CANDIDATES if m in means), key=means.get, default="ce")
+    return best if means.get(best, -1) > means.get("ce", -1) else "ce"
+
+
+def paired(rows: list[dict], base_rows: list[dict], key: str) -> str:
+    """Mean +- standard error of the seed-by-seed difference (n seeds: std / sqrt(n))."""
+    by_seed = {r["seed"]: r[key] for r in base_rows}
+    diffs = [r[key] - by_seed[r["seed"]] for r in rows if r["seed"] in by_seed]
+    if len(diffs) < 2:
+        return "-"
+    return f"{statistics.mean(diffs):+.2f} +- {statistics.stdev(diffs) / math.sqrt(len(diffs)):.2f}"
+
+
+def render(raw: Path, out: str | None) -> None:
+    saved = json.loads(Path(raw).read_text())
+    args, results, teacher = argparse.Namespace(**saved["args"]), saved["runs"], saved["teacher"]
+    methods = list(dict.fromkeys(r["method"] for r in results))
+    rows = {m: sorted((r for r in results if r["method"] == m), key=lambda r: r["seed"]) for m in methods}
+    seeds = sorted({r["seed"] for r in results})
+    lines = [f"## digit scenes ({saved['n_train']} train / {saved['n_val']} val, {args.size} px): {args.student} from {args.teacher}, seeds {seeds}",
+             "",
+             f"Teacher trained from scratch for {args.teacher_epochs} epochs (AdamW lr {args.teacher_lr}): val mAP {teacher['map']:.2f}, "
+             f"AP50 {teacher['map_50']:.2f}. Every student: {args.epochs} epochs, batch 16, AdamW lr {args.lr} (weight decay 1e-4, "
+             "1 warm-up epoch, cosine), no flips, scale 0.75-1.25, each term's recipe defaults (kd: sigmoid per class on the "
+             "dense head's logits; cwd and pkd: FPN P3-P5; london: kd + the Lipschitz term on backbone stage pairs, warm-up 1 "
+             "epoch), as `make demo-det`. Paired: this row minus the row named, seed by seed, mean +- standard error. "
+             f"Took {saved['seconds']:.0f} s, {args.jobs} jobs x {args.threads} CPU threads.",
+             "",
+             "| method | mAP % (mean +- std) | AP50 % | paired mAP | paired vs | per seed mAP |", "|---|---|---|---|---|---|"]
+    for m in methods:
+        base = "kd" if m == "london" else m.removesuffix("+london") if m.endswith("+london") else "ce" if m != "ce" else None
+        diff = paired(rows[m], rows[base], "map") if base in rows else ""
+        per_seed = ", ".join(f"{r['map']:.1f}" for r in rows[m])
+        lines.append(f"| {m} | {mean_std([r['map'] for r in rows[m]])} | {mean_std([r['map_50'] for r in rows[m]])} | {diff} | "
+                     f"{base or ''} | {per_seed} |")
+    publish("\n".join(lines) + "\n", out)
+
+
+def compare(args, work: Path) -> None:
+    scenes = work / "scenes"
+    n_train, n_val = write_digit_scenes(scenes, size=args.size, images=args.images)
+    start = time.time()
+    teacher = work / "teacher"
+    t = train(layers(args, args.teacher, "ce", 0, args.teacher_epochs, args.teacher_lr), scenes, None, teacher)["student"]
+    print(f"teacher {args.teacher}: mAP {t['map']:.2f} AP50 {t['map_50']:.2f}", flush=True)
+    raw = Path(args.out).with_suffix(".json")
+    raw.parent.mkdir(parents=True, exist_ok=True)
+    results: list[dict] = []
+
+    def record(r: dict) -> None:
+        results.append(r)
+        print(json.dumps(r), flush=True)
+        raw.write_text(json.dumps({"args": vars(args), "teacher": {"map": t["map"], "map_50": t["map_50"]}, "n_train": n_train,
+                                   "n_val": n_val, "seconds": time.time() - start, "runs": results}, indent=1))
+
+    def jobs(methods):
+        return [{"method": m, "seed": s, "data": str(scenes), "teacher": str(teacher), "threads": args.threads, "args": vars(args),
+                 "out": str(work / f"{m}-{s}")} for s in args.seeds for m in methods]
+
+    with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        for r in pool.map(one_run, jobs([m for m in FIRST if m in args.methods])):
+            record(r)
+        best = best_base(results)
+        print(f"best of {', '.join(CANDIDATES)} against ce: {best}", flush=True)
+        for r in pool.map(one_run, jobs([f"{best}+london"])):
+            record(r)
+    render(raw, args.out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--images", type=int, default=1000)
+    ap.add_argument("--size", type=int, default=64)
+    ap.add_argument("--epochs", type=int, default=8)
+    ap.add_argument("--teacher-epochs", type=int, default=8)
+    ap.add_argument("--lr", type=float, default=0.002, help="the students' peak lr")
+    ap.add_argument("--teacher-lr", type=float, default=0.002)
+    ap.add_argument("--teacher", default="det:FCOS:resnet18")
+    ap.add_argument("--student", default="det:FCOS:mobilenet_v3_small")
+    ap.add_argument("--methods", nargs="+", default=FIRST, help="which of the first-pass methods to run")
+    run_options(ap, "benchmarks/results/det_methods.md")
+    run_or_render(ap.parse_args(), compare, render, "lcd-det-bench-")
+
+if __name__ == "__main__":
+    main()
