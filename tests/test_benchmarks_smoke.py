@@ -42,7 +42,7 @@ def test_methods_benchmark_writes_its_tables(tmp_path):
     report = tmp_path / "methods.md"
     script = SCRIPT.parent / "methods.py"
     proc = subprocess.run(
-        [sys.executable, script, "--fractions", "0.05", "--seeds", "0", "1", "--epochs", "1", "--teacher-epochs", "1",
+        [sys.executable, script, "--dataset", "digits", "--fractions", "0.05", "--seeds", "0", "1", "--epochs", "1", "--teacher-epochs", "1",
          "--methods", "kd", "kd+london", "--out", report],
         capture_output=True, text=True, timeout=400, env=subprocess_env(), cwd=tmp_path,
     )
@@ -52,7 +52,7 @@ def test_methods_benchmark_writes_its_tables(tmp_path):
     rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in clean.splitlines()[2:]}
     assert set(rows) == {"kd", "kd+london"}, text
     # kd+london is paired with kd seed by seed; only it has a connected gap (its connectors)
-    assert rows["kd"][1] == "" and "+-" in rows["kd+london"][1], text
+    assert rows["kd"][1] == "" and "(se " in rows["kd+london"][1] and " up, " in rows["kd+london"][1], text
     assert rows["kd"][4] == "-" and float(rows["kd+london"][4]) > 0, text
     assert robust.splitlines()[0].startswith("| method | noise 0.05 |") and "FGSM 4/255" in robust, text
     assert [line.split("|")[1].strip() for line in robust.splitlines()[2:]] == ["teacher", "kd", "kd+london"], text
