@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import multiprocessing
 import shutil
 import statistics
@@ -27,7 +26,7 @@ from pathlib import Path
 import torch
 
 from lcdistill.data.scenes import write_digit_scenes
-from methods import mean_std, run_options, run_or_render, train  # benchmarks/methods.py: the classification twin of this benchmark
+from methods import base_of, mean_std, paired, run_options, run_or_render, train  # benchmarks/methods.py: the classification twin of this benchmark
 from publish import publish  # benchmarks/publish.py: scripts run from this folder
 
 # as the Makefile's DET (schedule and data) and the demo student's london warm-up
@@ -64,15 +63,6 @@ def best_base(results: list[dict]) -> str:
     return best if means.get(best, -1) > means.get("ce", -1) else "ce"
 
 
-def paired(rows: list[dict], base_rows: list[dict], key: str) -> str:
-    """Mean +- standard error of the seed-by-seed difference (n seeds: std / sqrt(n))."""
-    by_seed = {r["seed"]: r[key] for r in base_rows}
-    diffs = [r[key] - by_seed[r["seed"]] for r in rows if r["seed"] in by_seed]
-    if len(diffs) < 2:
-        return "-"
-    return f"{statistics.mean(diffs):+.2f} +- {statistics.stdev(diffs) / math.sqrt(len(diffs)):.2f}"
-
-
 def render(raw: Path, out: str | None) -> None:
     saved = json.loads(Path(raw).read_text())
     args, results, teacher = argparse.Namespace(**saved["args"]), saved["runs"], saved["teacher"]
@@ -85,13 +75,13 @@ def render(raw: Path, out: str | None) -> None:
              f"AP50 {teacher['map_50']:.2f}. Every student: {args.epochs} epochs, batch 16, AdamW lr {args.lr} (weight decay 1e-4, "
              "1 warm-up epoch, cosine), no flips, scale 0.75-1.25, each term's recipe defaults (kd: sigmoid per class on the "
              "dense head's logits; cwd and pkd: FPN P3-P5; london: kd + the Lipschitz term on backbone stage pairs, warm-up 1 "
-             "epoch), as `make demo-det`. Paired: this row minus the row named, seed by seed, mean +- standard error. "
+             "epoch), as `make demo-det`. Paired: this row minus the row named, seed by seed, mean (standard error), seeds up and down. "
              f"Took {saved['seconds']:.0f} s, {args.jobs} jobs x {args.threads} CPU threads.",
              "",
              "| method | mAP % (mean +- std) | AP50 % | paired mAP | paired vs | per seed mAP |", "|---|---|---|---|---|---|"]
     for m in methods:
-        base = "kd" if m == "london" else m.removesuffix("+london") if m.endswith("+london") else "ce" if m != "ce" else None
-        diff = paired(rows[m], rows[base], "map") if base in rows else ""
+        base = base_of(m) or ("ce" if m != "ce" else None)  # a term alone pairs with the detector's loss alone
+        diff = paired(rows[m], rows[base], lambda r: r["map"], counts=True) if base in rows else ""
         per_seed = ", ".join(f"{r['map']:.1f}" for r in rows[m])
         lines.append(f"| {m} | {mean_std([r['map'] for r in rows[m]])} | {mean_std([r['map_50'] for r in rows[m]])} | {diff} | "
                      f"{base or ''} | {per_seed} |")
