@@ -17,16 +17,14 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
-import shutil
 import statistics
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-import torch
 
 from lcdistill.data.scenes import write_digit_scenes
-from methods import base_of, mean_std, paired, run_options, run_or_render, train  # benchmarks/methods.py: the classification twin of this benchmark
+from methods import base_of, by_method, load_raw, mean_std, paired, run_options, run_or_render, student_run, train  # benchmarks/methods.py: the classification twin of this benchmark
 from publish import publish  # benchmarks/publish.py: scripts run from this folder
 
 # as the Makefile's DET (schedule and data) and the demo student's london warm-up
@@ -44,16 +42,9 @@ def layers(args, model: str, method: str, seed: int, epochs: int, lr: float) -> 
 
 
 def one_run(job: dict) -> dict:
-    """A student run in a worker process with its own thread count."""
-    torch.set_num_threads(job["threads"])
     args = argparse.Namespace(**job["args"])
-    start = time.time()
-    out = Path(job["out"])
-    summary = train(layers(args, args.student, job["method"], job["seed"], args.epochs, args.lr), Path(job["data"]),
-                    None if job["method"] == "ce" else job["teacher"], out)
-    shutil.rmtree(out, ignore_errors=True)
-    s = summary["student"]
-    return {"method": job["method"], "seed": job["seed"], "map": s["map"], "map_50": s["map_50"], "seconds": time.time() - start}
+    s, val_curve, seconds = student_run(job, layers(args, args.student, job["method"], job["seed"], args.epochs, args.lr), "val_map")
+    return {"method": job["method"], "seed": job["seed"], "map": s["map"], "map_50": s["map_50"], "seconds": seconds, "curve": val_curve}
 
 
 def best_base(results: list[dict]) -> str:
@@ -63,12 +54,10 @@ def best_base(results: list[dict]) -> str:
     return best if means.get(best, -1) > means.get("ce", -1) else "ce"
 
 
-def render(raw: Path, out: str | None) -> None:
-    saved = json.loads(Path(raw).read_text())
+def render(raws: list[Path], out: str | None) -> None:
+    saved = load_raw(raws)
     args, results, teacher = argparse.Namespace(**saved["args"]), saved["runs"], saved["teacher"]
-    methods = list(dict.fromkeys(r["method"] for r in results))
-    rows = {m: sorted((r for r in results if r["method"] == m), key=lambda r: r["seed"]) for m in methods}
-    seeds = sorted({r["seed"] for r in results})
+    rows, seeds = by_method(results)
     lines = [f"## digit scenes ({saved['n_train']} train / {saved['n_val']} val, {args.size} px): {args.student} from {args.teacher}, seeds {seeds}",
              "",
              f"Teacher trained from scratch for {args.teacher_epochs} epochs (AdamW lr {args.teacher_lr}): val mAP {teacher['map']:.2f}, "
@@ -79,7 +68,7 @@ def render(raw: Path, out: str | None) -> None:
              f"Took {saved['seconds']:.0f} s, {args.jobs} jobs x {args.threads} CPU threads.",
              "",
              "| method | mAP % (mean +- std) | AP50 % | paired mAP | paired vs | per seed mAP |", "|---|---|---|---|---|---|"]
-    for m in methods:
+    for m in rows:
         base = base_of(m) or ("ce" if m != "ce" else None)  # a term alone pairs with the detector's loss alone
         diff = paired(rows[m], rows[base], lambda r: r["map"], counts=True) if base in rows else ""
         per_seed = ", ".join(f"{r['map']:.1f}" for r in rows[m])
@@ -116,7 +105,7 @@ def compare(args, work: Path) -> None:
         print(f"best of {', '.join(CANDIDATES)} against ce: {best}", flush=True)
         for r in pool.map(one_run, jobs([f"{best}+london"])):
             record(r)
-    render(raw, args.out)
+    render([raw], args.out)
 
 
 def main() -> None:

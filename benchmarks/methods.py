@@ -1,17 +1,26 @@
-"""Which distillation terms help, and what the Lipschitz term adds: ce, kd, dkd, dist, ofd, each with and
-without `+london`, several seeds, paired.
+"""Which distillation terms help, and what the Lipschitz term adds: ce, kd, dist, ofd (and dkd with
+--methods), each with and without `+london`, several seeds, paired.
 
---dataset crops (the default): `lcdistill data digit-crops` (10,000 train / 2,000 val at 32 px, val from
-writers train never sees), the whole train set (--fractions 1). --dataset digits: the 1,797 plain digits,
-where the teacher (timm resnet18) trains on all train images and every student sees only --fractions of
-them (per class, one fixed subset per fraction). Every method runs on the same seeds; a `X+london` row is
-compared with its `X` row seed by seed: the paired difference's mean with its standard error (std /
-sqrt(n)) and how many seeds went each way, for clean val top-1 and for top-1 under Gaussian noise and
-one-step FGSM (lcdistill.robustness, the numbers `lcdistill eval --robustness` prints). Writes markdown
-tables to benchmarks/results/methods.md (and the raw numbers beside it, methods.json) and prints them.
+The default setting is one where students converge within the 2-core CPU budget: the 1,797 plain
+digits (`lcdistill data digits`), the whole train set (--fractions 1), 12 student epochs (the last three
+move top-1 by less than the differences between rows; the table says by how much), seeds 0-7, resnet18
+teacher trained on the same train set. About 80 minutes as two jobs of one thread.
+--fractions 0.1 0.2 gives every student only that share of train (per class, one fixed subset per fraction).
 
-    python benchmarks/methods.py --seeds 0 1 2 3 4 5 6 7 --jobs 2 --threads 1
-    python benchmarks/methods.py --dataset digits --fractions 0.1 0.2 --epochs 20 10 --seeds 0 1 2 3 4 --jobs 2
+--dataset crops: `lcdistill data digit-crops` (10,000 train / 2,000 val at 32 px, val from writers train
+never sees): a set where one val image is 0.05 points, but a slow one to learn from scratch: after 3
+epochs (30,000 images seen) a mobilenetv2_050 alone is at 12% top-1 and the resnet18 teacher at 18%
+(benchmarks/RESULTS.md), so converged students there need many times this benchmark's CPU budget.
+
+Every method runs on the same seeds; a `X+london` row is compared with its `X` row seed by seed: the
+paired difference's mean with its standard error (std / sqrt(n)) and how many seeds went each way, for
+clean val top-1 and for top-1 under Gaussian noise and one-step FGSM (lcdistill.robustness, the numbers
+`lcdistill eval --robustness` prints). Writes the raw numbers after every run (methods.json beside --out)
+and markdown tables to benchmarks/results/methods.md, and prints them. More seeds run later against the
+same teacher (--teacher RUN) render with the first ones (--render a.json b.json).
+
+    python benchmarks/methods.py --jobs 2 --threads 1
+    python benchmarks/methods.py --fractions 0.1 0.2 --epochs 20 10 --seeds 0 1 2 3 4 --jobs 2
 
 A spec is METHOD[@key=value@...]: `kd+london@london.student_side=raw` is kd+london on the student's
 own maps; it is paired with `kd`, the spec's method without `+london`.
@@ -40,7 +49,8 @@ from lcdistill.data.crops import write_digit_crops
 from lcdistill.lipschitz import report as lipschitz_report
 from publish import publish  # benchmarks/publish.py: scripts run from this folder
 
-METHODS = ["ce", "ce+london", "kd", "kd+london", "dkd", "dkd+london", "dist", "dist+london", "ofd", "ofd+london"]
+# dkd ramps in over 20 epochs, longer than the default run: name it with --methods and --epochs 30
+METHODS = ["ce", "ce+london", "kd", "kd+london", "dist", "dist+london", "ofd", "ofd+london"]
 
 
 def digits_data(size: int) -> dict:
@@ -63,6 +73,25 @@ def subset(src: Path, dst: Path, fraction: float, seed: int = 0) -> None:
 def train(layers: list[dict], data: Path, teacher: str | None, out: Path) -> dict:
     prepared = runs.prepare(layers, str(data), teacher, None, str(out))
     return runs.run(prepared, Console(file=io.StringIO()))
+
+
+def student_run(job: dict, layers: list[dict], curve_key: str) -> tuple[dict, list[float], float]:
+    """One student run of a methods benchmark in its worker process (its own thread count), its run folder
+    removed after: (the summary's student metrics, the val metric after each epoch, seconds)."""
+    torch.set_num_threads(job["threads"])
+    start = time.time()
+    out = Path(job["out"])
+    summary = train(layers, Path(job["data"]), None if job["method"] == "ce" else job["teacher"], out)
+    val_curve = curve(out, curve_key)
+    shutil.rmtree(out, ignore_errors=True)
+    return summary["student"], val_curve, time.time() - start
+
+
+def by_method(results: list[dict], key: str = "method") -> tuple[dict[str, list[dict]], list[int]]:
+    """Each method's runs sorted by seed, methods in the order they first ran; and the seeds that ran."""
+    methods = dict.fromkeys(r[key] for r in results)
+    rows = {m: sorted((r for r in results if r[key] == m), key=lambda r: r["seed"]) for m in methods}
+    return rows, sorted({r["seed"] for r in results})
 
 
 def base_of(spec: str) -> str | None:
@@ -99,9 +128,16 @@ def one_run(job: dict) -> dict:
     start = time.time()
     summary = train(layers, data, None if method == "ce" else str(teacher), out)
     result = {"spec": job["spec"], "fraction": job["fraction"], "seed": job["seed"], "top1": summary["student"]["top1"],
-              "seconds": time.time() - start, "robustness": robustness.measure_run(out, data)["student"], "gap": lip_gaps(out, data, teacher)}
+              "seconds": time.time() - start, "curve": curve(out, "val_top1"), "robustness": robustness.measure_run(out, data)["student"],
+              "gap": lip_gaps(out, data, teacher)}
     shutil.rmtree(out, ignore_errors=True)
     return result
+
+
+def curve(run_dir: Path, key: str) -> list[float]:
+    """The run's val metric after each epoch (metrics.jsonl): whether the last epochs still moved it."""
+    lines = (json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip())
+    return [row[key] for row in lines if "epoch_end" in row and key in row]
 
 
 def epochs_at(args, fraction: float) -> int:
@@ -128,6 +164,13 @@ def paired(rows: list[dict], base_rows: list[dict], key, counts: bool = False) -
     return text
 
 
+def late_change(rows: list[dict], key: str, last: int = 3) -> str:
+    """Mean over seeds of the metric after the last epoch minus `last` epochs before it: '+0.12', or '-'
+    for runs that kept no curve or had too few epochs."""
+    moves = [r[key][-1] - r[key][-1 - last] for r in rows if len(r.get(key) or []) > last]
+    return f"{statistics.mean(moves):+.2f}" if moves else "-"
+
+
 def tables(fraction: float, n_train: int, results: list[dict], args, teacher_row: dict) -> str:
     specs = [s for s in args.methods if any(r["spec"] == s for r in results)]
     rows = {s: sorted((r for r in results if r["spec"] == s), key=lambda r: r["seed"]) for s in specs}
@@ -137,14 +180,16 @@ def tables(fraction: float, n_train: int, results: list[dict], args, teacher_row
              "seeds up and down. Gaps: mean over "
              "stage pairs of |student - teacher| transmitting-matrix sigma on val, the student's own maps (raw) and, for runs "
              "with Lipschitz connectors, through them (connected).", "",
-             "| method | top-1 % | paired vs base | per seed | raw gap | connected gap |", "|---|---|---|---|---|---|"]
+             "Last 3 epochs: the val top-1 after the last epoch minus three epochs before, mean over seeds (still rising if "
+             "it is as large as the differences between rows).", "",
+             "| method | top-1 % | paired vs base | per seed | last 3 epochs | raw gap | connected gap |", "|---|---|---|---|---|---|---|"]
     for s in specs:
         base = base_of(s)
         diff = paired(rows[s], rows[base], lambda r: r["top1"], counts=True) if base in rows else ""
         tops = [r["top1"] for r in rows[s]]
         connected = [r["gap"]["connected"] for r in rows[s] if "connected" in r["gap"]]
         raw_gap = statistics.mean(r["gap"]["raw"] for r in rows[s])
-        lines.append(f"| {s} | {mean_std(tops)} | {diff} | {', '.join(f'{v:.1f}' for v in tops)} | {raw_gap:.1f} | "
+        lines.append(f"| {s} | {mean_std(tops)} | {diff} | {', '.join(f'{v:.1f}' for v in tops)} | {late_change(rows[s], 'curve')} | {raw_gap:.1f} | "
                      + (f"{statistics.mean(connected):.1f} |" if connected else "- |"))
     lines += ["", "Top-1 % under additive Gaussian noise (sigma in [0, 1] pixel units) and one-step FGSM (epsilon, same units); "
               "in brackets the paired difference to the row without `+london`.", "",
@@ -202,22 +247,45 @@ def compare(args, work: Path) -> None:
             # after every run, so a stopped benchmark keeps what it measured (--render reads it)
             raw.write_text(json.dumps({"args": vars(args), "command": " ".join(sys.argv[1:]), "teacher": teacher_row, "sizes": sizes, "seconds": time.time() - start,
                                        "runs": results}, indent=1))
-    render(raw, args.out)
+    render([raw], args.out)
 
 
-def render(raw: Path, out: str | None) -> None:
-    """The markdown tables of a raw results file."""
-    saved = json.loads(Path(raw).read_text())
+# what may differ between raw files that render as one table: where and how fast the runs ran, and which seeds
+PER_INVOCATION = {"seeds", "jobs", "threads", "out", "render", "argv"}
+
+
+def load_raw(raws: list[Path]) -> dict:
+    """One raw results file, or several of the same setting merged (more seeds run later, against the same
+    teacher): runs concatenated, a run repeated in a later file replaced by it, seconds added up."""
+    saved = json.loads(Path(raws[0]).read_text())
+    keep = {k: v for k, v in saved["args"].items() if k not in PER_INVOCATION}
+    for raw in raws[1:]:
+        more = json.loads(Path(raw).read_text())
+        other = {k: v for k, v in more["args"].items() if k not in PER_INVOCATION}
+        if other != keep or more["teacher"] != saved["teacher"]:
+            changed = sorted(k for k in keep.keys() | other.keys() if keep.get(k) != other.get(k)) or ["teacher"]
+            raise SystemExit(f"{raw} is another setting than {raws[0]} (differs in {', '.join(changed)}): render them apart")
+        ident = lambda r: tuple(v for k, v in sorted(r.items()) if k in ("spec", "method", "seed", "fraction"))  # noqa: E731
+        replaced = {ident(r) for r in more["runs"]}
+        saved["runs"] = [r for r in saved["runs"] if ident(r) not in replaced] + more["runs"]
+        saved["seconds"] += more["seconds"]
+        saved["command"] = " ; ".join(c for c in (saved.get("command"), more.get("command")) if c)
+    return saved
+
+
+def render(raws: list[Path], out: str | None) -> None:
+    """The markdown tables of raw results files (one setting)."""
+    saved = load_raw(raws)
     args, teacher_row, results = argparse.Namespace(**{"dataset": "digits", "n_val": 359, **saved["args"]}), saved["teacher"], saved["runs"]
     sizes = {float(k): v for k, v in saved["sizes"].items()}
     done = sorted({r["seed"] for r in results})
     head = [f"## {args.student} from a resnet18 teacher, {args.dataset} at {args.size} px, seeds {done}", "",
-            *([f"`python benchmarks/methods.py {saved['command']}`", ""] if "command" in saved else []),
+            *([f"`python benchmarks/methods.py {c}`" for c in saved["command"].split(" ; ")] + [""] if "command" in saved else []),
             f"Teacher: timm resnet18, {f'run {args.teacher}' if args.teacher else f'{args.teacher_epochs} epochs'} on all {args.dataset} train images, "
             f"val top-1 {teacher_row['top1']:.2f}. Every student: "
             f"batch 32, SGD lr {args.lr} with 2 warm-up epochs and cosine decay, each term's recipe defaults. "
             f"Extra overrides: {args.sets or 'none'}. Took {saved['seconds']:.0f} s, {args.jobs} jobs x {args.threads} CPU threads; "
-            f"raw numbers in {raw.name}.", ""]
+            f"raw numbers in {', '.join(Path(r).name for r in raws)}.", ""]
     body = [tables(f, sizes[f], [r for r in results if r["fraction"] == f], args, teacher_row) for f in args.fractions
             if any(r["fraction"] == f for r in results)]
     publish("\n".join(head) + "\n" + "\n\n".join(body) + "\n", out)
@@ -225,12 +293,12 @@ def render(raw: Path, out: str | None) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--dataset", choices=("crops", "digits"), default="crops")
+    ap.add_argument("--dataset", choices=("digits", "crops"), default="digits")
     ap.add_argument("--train", type=int, default=10000, help="crops: train images")
     ap.add_argument("--val", type=int, default=2000, help="crops: val images")
     ap.add_argument("--fractions", type=float, nargs="+", default=[1.0])
     ap.add_argument("--seeds", type=int, nargs="+", default=list(range(8)))
-    ap.add_argument("--epochs", type=int, nargs="+", default=[10],
+    ap.add_argument("--epochs", type=int, nargs="+", default=[12],
                     help="student epochs, one for every fraction (or one for all)")
     ap.add_argument("--size", type=int, default=32)
     ap.add_argument("--teacher-epochs", type=int, default=10)
@@ -249,13 +317,14 @@ def run_options(ap: argparse.ArgumentParser, out: str) -> None:
     ap.add_argument("--jobs", type=int, default=1, help="student runs at once (processes)")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads per run (default: all cores / jobs)")
     ap.add_argument("--out", default=out)
-    ap.add_argument("--render", metavar="JSON", help="only print (and append to --out) the tables of a raw results file")
+    ap.add_argument("--render", metavar="JSON", nargs="+", help="only print (and append to --out) the tables of raw results files "
+                    "(several: one setting, more seeds run later against the same teacher)")
 
 
 def run_or_render(args, compare, render, prefix: str) -> None:
     """render(--render, --out), or compare(args, a scratch folder removed afterwards)."""
     if args.render:
-        render(Path(args.render), args.out)
+        render([Path(r) for r in args.render], args.out)
         return
     args.threads = args.threads or max(1, torch.get_num_threads() // args.jobs)
     work = Path(tempfile.mkdtemp(prefix=prefix))

@@ -53,7 +53,8 @@ def test_methods_benchmark_writes_its_tables(tmp_path):
     assert set(rows) == {"kd", "kd+london"}, text
     # kd+london is paired with kd seed by seed; only it has a connected gap (its connectors)
     assert rows["kd"][1] == "" and "(se " in rows["kd+london"][1] and " up, " in rows["kd+london"][1], text
-    assert rows["kd"][4] == "-" and float(rows["kd+london"][4]) > 0, text
+    assert rows["kd"][5] == "-" and float(rows["kd+london"][5]) > 0, text
+    assert rows["kd"][3] == "-", text  # one epoch: no curve to read the last epochs' move from
     assert robust.splitlines()[0].startswith("| method | noise 0.05 |") and "FGSM 4/255" in robust, text
     assert [line.split("|")[1].strip() for line in robust.splitlines()[2:]] == ["teacher", "kd", "kd+london"], text
     assert "(5% of digits train (70 images)" in text or "5% of digits train (70 images)" in text, text
@@ -67,18 +68,59 @@ def test_methods_benchmark_writes_its_tables(tmp_path):
 
 @pytest.mark.slow
 def test_segmentation_methods_benchmark_writes_its_table(tmp_path):
+    import json
+
     report = tmp_path / "seg.md"
+    script = SCRIPT.parent / "seg_methods.py"
     proc = subprocess.run(
-        [sys.executable, SCRIPT.parent / "seg_methods.py", "--seeds", "0", "1", "--images", "40", "--size", "32", "--epochs", "1",
-         "--teacher-epochs", "1", "--methods", "kd", "london", "--out", report],
+        [sys.executable, script, "--seeds", "0", "1", "--images", "40", "--size", "32", "--epochs", "1",
+         "--teacher-epochs", "1", "--methods", "kd", "kd+london", "--jobs", "2", "--threads", "1", "--out", report],
         capture_output=True, text=True, timeout=400, env=subprocess_env(), cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
+    text = report.read_text()
     rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
-            for line in report.read_text().splitlines() if line.startswith("| ") and "---" not in line and "method" not in line}
-    assert set(rows) == {"kd", "london"}, rows
-    kd, london = ([float(v) for v in rows[m][2].split(", ")] for m in ("kd", "london"))
+            for line in text.splitlines() if line.startswith("| ") and "---" not in line and "method" not in line}
+    assert set(rows) == {"kd", "kd+london"}, rows
+    kd, london = ([float(v) for v in rows[m][2].split(", ")] for m in ("kd", "kd+london"))
     assert len(kd) == len(london) == 2 and all(0 <= v <= 100 for v in kd + london)
-    # london is paired with kd seed by seed (its table shows one decimal: allow the rounding)
-    assert rows["kd"][1] == "" and rows["london"][1].endswith("vs kd"), rows
-    assert float(rows["london"][1].split()[0]) == pytest.approx(sum(london) / 2 - sum(kd) / 2, abs=0.11)
+    # kd+london is paired with kd seed by seed: mean (se), seeds up and down, from the raw numbers
+    raw = json.loads(report.with_suffix(".json").read_text())
+    by = {(r["method"], r["seed"]): r["miou"] for r in raw["runs"]}
+    diffs = [by["kd+london", s] - by["kd", s] for s in (0, 1)]
+    assert rows["kd"][1] == "" and "(se " in rows["kd+london"][1] and " up, " in rows["kd+london"][1], rows
+    assert float(rows["kd+london"][1].split()[0]) == pytest.approx(sum(diffs) / 2, abs=0.006)
+    assert "--methods kd kd+london" in text  # the command that made it
+    again = subprocess.run([sys.executable, script, "--render", report.with_suffix(".json"), "--out", ""],
+                           capture_output=True, text=True, timeout=120, env=subprocess_env(), cwd=tmp_path)
+    assert again.returncode == 0 and rows["kd+london"][1] in again.stdout, again.stderr[-2000:]
+
+
+def raw_file(path: Path, seeds, miou: dict, lr: float = 0.04, seconds: float = 10.0) -> Path:
+    import json
+
+    args = {"seeds": list(seeds), "images": 40, "size": 32, "epochs": 4, "teacher_epochs": 1, "lr": lr, "teacher_lr": 0.008,
+            "teacher": "FPN:resnet18", "teacher_run": None, "student": "FPN:tu-mobilenetv3_small_100", "methods": ["kd", "kd+london"],
+            "jobs": 1, "threads": 1, "out": "", "render": None, "argv": ["--seeds", *map(str, seeds)]}
+    runs = [{"method": m, "seed": s, "miou": miou[m, s], "curve": [0.0, 1.0, 2.0, 3.0, miou[m, s]]} for s in seeds for m in ("kd", "kd+london")]
+    path.write_text(json.dumps({"args": args, "command": " ".join(args["argv"]), "teacher": {"miou": 50.0}, "n_train": 32, "n_val": 8,
+                                "seconds": seconds, "runs": runs}))
+    return path
+
+
+def test_raw_files_of_one_setting_render_as_one_table_and_other_settings_are_refused(tmp_path):
+    """More seeds run later (the same teacher) render with the earlier ones: paired over the union of seeds."""
+    miou = {("kd", s): 40.0 + s for s in range(4)} | {("kd+london", s): 41.0 + s + (s % 2) for s in range(4)}
+    first, later = raw_file(tmp_path / "a.json", [0, 1], miou), raw_file(tmp_path / "b.json", [2, 3], miou, seconds=5.0)
+    script = SCRIPT.parent / "seg_methods.py"
+    proc = subprocess.run([sys.executable, script, "--render", first, later, "--out", ""], capture_output=True, text=True, timeout=120,
+                          env=subprocess_env(), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    row = next(line for line in proc.stdout.splitlines() if line.startswith("| kd+london |"))
+    # differences 1, 2, 1, 2: mean +1.50, std 0.577, se 0.29, four up; the last epochs moved by miou - 1.0
+    assert "+1.50 (se 0.29), 4 up, 0 down" in row and "41.0, 43.0, 43.0, 45.0" in row and "| +42.00 |" in row, row
+    assert "seeds [0, 1, 2, 3]" in proc.stdout and "Took 15 s" in proc.stdout and proc.stdout.count("`python benchmarks/seg_methods.py --seeds") == 2
+    other = raw_file(tmp_path / "c.json", [2, 3], miou, lr=0.01)
+    refused = subprocess.run([sys.executable, script, "--render", first, other, "--out", ""], capture_output=True, text=True, timeout=120,
+                             env=subprocess_env(), cwd=tmp_path)
+    assert refused.returncode != 0 and "differs in lr" in refused.stderr, refused.stderr[-2000:]
