@@ -250,8 +250,9 @@ def compare(args, work: Path) -> None:
     render([raw], args.out)
 
 
-# what may differ between raw files that render as one table: where and how fast the runs ran, and which seeds
-PER_INVOCATION = {"seeds", "jobs", "threads", "out", "render", "argv"}
+# what may differ between raw files that render as one table: which seeds and methods ran, where and how fast, and
+# whether the teacher was trained or reused (the teacher's own score must match)
+PER_INVOCATION = {"seeds", "methods", "jobs", "threads", "out", "render", "argv", "teacher_run"}
 
 
 def load_raw(raws: list[Path]) -> dict:

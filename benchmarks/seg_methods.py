@@ -76,8 +76,8 @@ def compare(args, work: Path) -> None:
     teacher = Path(args.teacher_run) if args.teacher_run else work / "teacher"
     if not args.teacher_run:
         train(layers(args, args.teacher, "ce", 0, args.teacher_epochs, args.teacher_lr), scenes, None, teacher)
-    t = json.loads((teacher / "run.json").read_text())["student"] if (teacher / "run.json").is_file() else {}
-    print(f"teacher {args.teacher}: mIoU {t.get('miou', float('nan')):.2f}", flush=True)
+    t = json.loads((teacher / "student.json").read_text())  # what the run shipped, with its val scores
+    print(f"teacher {args.teacher}: mIoU {t['miou']:.2f}", flush=True)
     raw = Path(args.out).with_suffix(".json")
     raw.parent.mkdir(parents=True, exist_ok=True)
     results: list[dict] = []
@@ -88,7 +88,7 @@ def compare(args, work: Path) -> None:
         for r in pool.map(one_run, jobs):
             results.append(r)
             print(json.dumps(r), flush=True)
-            raw.write_text(json.dumps({"args": vars(args), "command": " ".join(args.argv), "teacher": {"miou": t.get("miou")},
+            raw.write_text(json.dumps({"args": vars(args), "command": " ".join(args.argv), "teacher": {"miou": t["miou"]},
                                        "n_train": n_train, "n_val": n_val, "seconds": time.time() - start, "runs": results}, indent=1))
     render([raw], args.out)
 
