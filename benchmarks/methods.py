@@ -1,10 +1,11 @@
 """Which distillation terms help, and what the Lipschitz term adds: ce, kd, dist, ofd (and dkd with
 --methods), each with and without `+london`, several seeds, paired.
 
-The default setting is one where students converge within the 2-core CPU budget: the 1,797 plain
-digits (`lcdistill data digits`), the whole train set (--fractions 1), 12 student epochs (the last three
-move top-1 by less than the differences between rows; the table says by how much), seeds 0-7, resnet18
-teacher trained on the same train set. About 80 minutes as two jobs of one thread.
+The default setting is the one nearest convergence that the 2-core CPU affords: the 1,797 plain digits
+(`lcdistill data digits`), the whole train set (--fractions 1), 12 student epochs (students at 96-98%
+top-1; the table's "last 3 epochs" column says how much they still moved: 0.1-0.9 points on 2026-12-04),
+seeds 0-7, resnet18 teacher trained on the same train set. About 11 minutes a seed as two jobs of one
+thread on an otherwise idle 2-core machine (8 rows), so 8 seeds take about 1.5 hours.
 --fractions 0.1 0.2 gives every student only that share of train (per class, one fixed subset per fraction).
 
 --dataset crops: `lcdistill data digit-crops` (10,000 train / 2,000 val at 32 px, val from writers train
@@ -282,6 +283,7 @@ def render(raws: list[Path], out: str | None) -> None:
     done = sorted({r["seed"] for r in results})
     head = [f"## {args.student} from a resnet18 teacher, {args.dataset} at {args.size} px, seeds {done}", "",
             *([f"`python benchmarks/methods.py {c}`" for c in saved["command"].split(" ; ")] + [""] if "command" in saved else []),
+            *([f"Not run to the end: {saved['stopped']}.", ""] if "stopped" in saved else []),
             f"Teacher: timm resnet18, {f'run {args.teacher}' if args.teacher else f'{args.teacher_epochs} epochs'} on all {args.dataset} train images, "
             f"val top-1 {teacher_row['top1']:.2f}. Every student: "
             f"batch 32, SGD lr {args.lr} with 2 warm-up epochs and cosine decay, each term's recipe defaults. "

@@ -106,7 +106,7 @@ def prepare(layers: list[dict], data_dir: str, teacher: str | None, teacher_weig
 
 
 def method_note(task: Task, layers: list[dict]) -> str:
-    """'(segmentation's default: cwd measured best, ...)' when no recipe layer set the method, else ''."""
+    """'(segmentation's default: cwd measured strongest, ...)' when no recipe layer set the method, else ''."""
     if any("method" in layer for layer in layers):
         return ""
     if "method" not in task.recipe_defaults:
