@@ -17,8 +17,9 @@ Every method runs on the same seeds; a `X+london` row is compared with its `X` r
 paired difference's mean with its standard error (std / sqrt(n)) and how many seeds went each way, for
 clean val top-1 and for top-1 under Gaussian noise and one-step FGSM (lcdistill.robustness, the numbers
 `lcdistill eval --robustness` prints). Writes the raw numbers after every run (methods.json beside --out)
-and markdown tables to benchmarks/results/methods.md, and prints them. More seeds run later against the
-same teacher (--teacher RUN) render with the first ones (--render a.json b.json).
+and markdown tables to benchmarks/results/methods.md, and prints them. Seeds added later render with the
+first ones (--render a.json b.json) when both runs used the same teacher: its scores must match, so keep a
+teacher run folder and pass it as --teacher RUN to each.
 
     python benchmarks/methods.py --jobs 2 --threads 1
     python benchmarks/methods.py --fractions 0.1 0.2 --epochs 20 10 --seeds 0 1 2 3 4 --jobs 2
@@ -252,8 +253,8 @@ def compare(args, work: Path) -> None:
 
 
 # what may differ between raw files that render as one table: which seeds and methods ran, where and how fast, and
-# whether the teacher was trained or reused (the teacher's own score must match)
-PER_INVOCATION = {"seeds", "methods", "jobs", "threads", "out", "render", "argv", "teacher_run"}
+# whether the teacher was trained or reused, and from which folder (its own scores must match)
+PER_INVOCATION = {"seeds", "methods", "jobs", "threads", "out", "render", "argv", "teacher_run", "teacher"}
 
 
 def load_raw(raws: list[Path]) -> dict:
