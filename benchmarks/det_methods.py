@@ -15,16 +15,14 @@ benchmarks/results/det_methods.md:
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing
 import statistics
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-
 from lcdistill.data.scenes import write_digit_scenes
-from methods import base_of, by_method, load_raw, mean_std, paired, run_options, run_or_render, student_run, train  # benchmarks/methods.py: the classification twin of this benchmark
+from methods import Record, base_of, by_method, load_raw, mean_std, paired, run_options, run_or_render, student_run, train  # benchmarks/methods.py: the classification twin of this benchmark
 from publish import publish  # benchmarks/publish.py: scripts run from this folder
 
 # as the Makefile's DET (schedule and data) and the demo student's london warm-up
@@ -84,15 +82,7 @@ def compare(args, work: Path) -> None:
     teacher = work / "teacher"
     t = train(layers(args, args.teacher, "ce", 0, args.teacher_epochs, args.teacher_lr), scenes, None, teacher)["student"]
     print(f"teacher {args.teacher}: mAP {t['map']:.2f} AP50 {t['map_50']:.2f}", flush=True)
-    raw = Path(args.out).with_suffix(".json")
-    raw.parent.mkdir(parents=True, exist_ok=True)
-    results: list[dict] = []
-
-    def record(r: dict) -> None:
-        results.append(r)
-        print(json.dumps(r), flush=True)
-        raw.write_text(json.dumps({"args": vars(args), "teacher": {"map": t["map"], "map_50": t["map_50"]}, "n_train": n_train,
-                                   "n_val": n_val, "seconds": time.time() - start, "runs": results}, indent=1))
+    record = Record(args.out, {"args": vars(args), "teacher": {"map": t["map"], "map_50": t["map_50"]}, "n_train": n_train, "n_val": n_val}, start)
 
     def jobs(methods):
         return [{"method": m, "seed": s, "data": str(scenes), "teacher": str(teacher), "threads": args.threads, "args": vars(args),
@@ -101,11 +91,11 @@ def compare(args, work: Path) -> None:
     with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
         for r in pool.map(one_run, jobs([m for m in FIRST if m in args.methods])):
             record(r)
-        best = best_base(results)
+        best = best_base(record.runs)
         print(f"best of {', '.join(CANDIDATES)} against ce: {best}", flush=True)
         for r in pool.map(one_run, jobs([f"{best}+london"])):
             record(r)
-    render([raw], args.out)
+    render([record.path], args.out)
 
 
 def main() -> None:

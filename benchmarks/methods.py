@@ -77,6 +77,20 @@ def train(layers: list[dict], data: Path, teacher: str | None, out: Path) -> dic
     return runs.run(prepared, Console(file=io.StringIO()))
 
 
+class Record:
+    """A benchmark's raw results file (the --out path with .json), rewritten after every run so a stopped
+    benchmark keeps what it measured (--render reads it): `head` (args, teacher, ...), seconds, runs."""
+
+    def __init__(self, out: str, head: dict, start: float):
+        self.path, self.head, self.start, self.runs = Path(out).with_suffix(".json"), head, start, []
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def __call__(self, run: dict) -> None:
+        self.runs.append(run)
+        print(json.dumps(run), flush=True)
+        self.path.write_text(json.dumps({**self.head, "seconds": time.time() - self.start, "runs": self.runs}, indent=1))
+
+
 def student_run(job: dict, layers: list[dict], curve_key: str) -> tuple[dict, list[float], float]:
     """One student run of a methods benchmark in its worker process (its own thread count), its run folder
     removed after: (the summary's student metrics, the val metric after each epoch, seconds)."""
@@ -239,17 +253,11 @@ def compare(args, work: Path) -> None:
              "student": args.student, "size": args.size, "epochs": epochs_at(args, fraction), "lr": args.lr, "sets": args.sets,
              "threads": args.threads, "out": str(work / f"{spec}-{fraction}-{seed}")}
             for seed in args.seeds for fraction in args.fractions for spec in args.methods]
-    results = []
-    raw = Path(args.out).with_suffix(".json")
-    raw.parent.mkdir(parents=True, exist_ok=True)
+    record = Record(args.out, {"args": vars(args), "command": " ".join(sys.argv[1:]), "teacher": teacher_row, "sizes": sizes}, start)
     with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
         for r in pool.map(one_run, jobs):
-            results.append(r)
-            print(json.dumps(r), flush=True)
-            # after every run, so a stopped benchmark keeps what it measured (--render reads it)
-            raw.write_text(json.dumps({"args": vars(args), "command": " ".join(sys.argv[1:]), "teacher": teacher_row, "sizes": sizes, "seconds": time.time() - start,
-                                       "runs": results}, indent=1))
-    render([raw], args.out)
+            record(r)
+    render([record.path], args.out)
 
 
 # what may differ between raw files that render as one table: which seeds and methods ran, where and how fast, and

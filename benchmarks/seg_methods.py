@@ -21,9 +21,8 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-
 from lcdistill.data.scenes import write_digit_scenes
-from methods import base_of, by_method, late_change, load_raw, mean_std, paired, run_options, run_or_render, student_run, train  # benchmarks/methods.py: the classification twin
+from methods import Record, base_of, by_method, late_change, load_raw, mean_std, paired, run_options, run_or_render, student_run, train  # benchmarks/methods.py: the classification twin
 from publish import publish  # benchmarks/publish.py: scripts run from this folder
 
 # as the Makefile's demo-seg: SEG (schedule and data) and the student's term settings
@@ -79,19 +78,15 @@ def compare(args, work: Path) -> None:
         train(layers(args, args.teacher, "ce", 0, args.teacher_epochs, args.teacher_lr), scenes, None, teacher)
     t = json.loads((teacher / "student.json").read_text())  # what the run shipped, with its val scores
     print(f"teacher {args.teacher}: mIoU {t['miou']:.2f}", flush=True)
-    raw = Path(args.out).with_suffix(".json")
-    raw.parent.mkdir(parents=True, exist_ok=True)
-    results: list[dict] = []
+    record = Record(args.out, {"args": vars(args), "command": " ".join(args.argv), "teacher": {"miou": t["miou"]},
+                               "n_train": n_train, "n_val": n_val}, start)
     # seed by seed, so a benchmark stopped early still has every method on the seeds it finished
     jobs = [{"method": m, "seed": s, "data": str(scenes), "teacher": str(teacher), "threads": args.threads, "args": vars(args),
              "out": str(work / f"{m}-{s}")} for s in args.seeds for m in args.methods]
     with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
         for r in pool.map(one_run, jobs):
-            results.append(r)
-            print(json.dumps(r), flush=True)
-            raw.write_text(json.dumps({"args": vars(args), "command": " ".join(args.argv), "teacher": {"miou": t["miou"]},
-                                       "n_train": n_train, "n_val": n_val, "seconds": time.time() - start, "runs": results}, indent=1))
-    render([raw], args.out)
+            record(r)
+    render([record.path], args.out)
 
 
 def main() -> None:
