@@ -275,7 +275,8 @@ def load_raw(raws: list[Path]) -> dict:
         other = {k: v for k, v in more["args"].items() if k not in PER_INVOCATION}
         if other != keep or more["teacher"] != saved["teacher"]:
             changed = sorted(k for k in keep.keys() | other.keys() if keep.get(k) != other.get(k)) or ["teacher"]
-            raise SystemExit(f"{raw} is another setting than {raws[0]} (differs in {', '.join(changed)}): render them apart")
+            print(f"error: {raw} is another setting than {raws[0]} (differs in {', '.join(changed)}): render them apart", file=sys.stderr)
+            raise SystemExit(2)  # bad input: one line, exit 2, as the CLI does
         ident = lambda r: tuple(v for k, v in sorted(r.items()) if k in ("spec", "method", "seed", "fraction"))  # noqa: E731
         replaced = {ident(r) for r in more["runs"]}
         saved["runs"] = [r for r in saved["runs"] if ident(r) not in replaced] + more["runs"]
