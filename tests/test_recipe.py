@@ -167,7 +167,7 @@ def test_the_run_header_says_when_the_method_is_the_tasks_default():
     from lcdistill.run import method_note
 
     seg = tasks.get("segmentation")
-    assert method_note(seg, [student()]) == " (segmentation's default: cwd measured strongest, +london cost 0.68 mIoU beyond its standard error, benchmarks/RESULTS.md)"
+    assert method_note(seg, [student()]) == " (segmentation's default: cwd measured strongest, +london cost 0.79 mIoU, just beyond its standard error (0.72), benchmarks/RESULTS.md)"
     assert method_note(seg, [student(), {"method": "cwd"}]) == ""  # named, even if the same
     assert "classification's default" in method_note(tasks.get("classification"), [student()])
 
