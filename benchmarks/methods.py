@@ -268,10 +268,12 @@ PER_INVOCATION = {"seeds", "methods", "jobs", "threads", "out", "render", "argv"
 def load_raw(raws: list[Path]) -> dict:
     """One raw results file, or several of the same setting merged (more seeds run later, against the same
     teacher): runs concatenated, a run repeated in a later file replaced by it, seconds added up."""
-    saved = json.loads(Path(raws[0]).read_text())
+    files = [json.loads(Path(raw).read_text()) for raw in raws]
+    # which invocation stopped early, once there are several (a later one usually runs the seeds it left)
+    stops = [f"invocation {i + 1} {f['stopped']}" for i, f in enumerate(files) if "stopped" in f]
+    saved = files[0]
     keep = {k: v for k, v in saved["args"].items() if k not in PER_INVOCATION}
-    for raw in raws[1:]:
-        more = json.loads(Path(raw).read_text())
+    for raw, more in zip(raws[1:], files[1:]):
         other = {k: v for k, v in more["args"].items() if k not in PER_INVOCATION}
         if other != keep or more["teacher"] != saved["teacher"]:
             changed = sorted(k for k in keep.keys() | other.keys() if keep.get(k) != other.get(k)) or ["teacher"]
@@ -282,6 +284,8 @@ def load_raw(raws: list[Path]) -> dict:
         saved["runs"] = [r for r in saved["runs"] if ident(r) not in replaced] + more["runs"]
         saved["seconds"] += more["seconds"]
         saved["command"] = " ; ".join(c for c in (saved.get("command"), more.get("command")) if c)
+        saved.pop("stopped", None)
+        saved.update({"stopped": "; ".join(stops)} if stops else {})
     return saved
 
 

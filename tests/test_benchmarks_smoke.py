@@ -124,3 +124,20 @@ def test_raw_files_of_one_setting_render_as_one_table_and_other_settings_are_ref
     refused = subprocess.run([sys.executable, script, "--render", first, other, "--out", ""], capture_output=True, text=True, timeout=120,
                              env=subprocess_env(), cwd=tmp_path)
     assert refused.returncode == 2 and "differs in lr" in refused.stderr and "Traceback" not in refused.stderr, refused.stderr[-2000:]
+
+
+def test_merged_raw_files_say_which_invocation_stopped_early(tmp_path, monkeypatch):
+    """A first run stopped for time and a second that ran the seeds it left: the header names the first, not the whole."""
+    import json
+
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))
+    from methods import load_raw
+
+    miou = {(m, s): 40.0 + s for m in ("kd", "kd+london") for s in range(5)}
+    first = raw_file(tmp_path / "a.json", [0, 1], miou)
+    first.write_text(json.dumps({**json.loads(first.read_text()), "stopped": "stopped after seed 1"}))
+    later, last = raw_file(tmp_path / "b.json", [2, 3], miou), raw_file(tmp_path / "c.json", [4], miou)
+    assert load_raw([first])["stopped"] == "stopped after seed 1"
+    merged = load_raw([first, later])
+    assert merged["stopped"] == "invocation 1 stopped after seed 1" and len(merged["runs"]) == 8
+    assert "stopped" not in load_raw([later, last])
