@@ -63,9 +63,9 @@ class Classification(Task):
     export = ExportSpec(input_names=["input"], output_names=["logits"], dynamic_axes={0: "batch"})
     hub_pipeline = "image-classification"
     model_hint = CLASSIFIERS.hint
-    # benchmarks/RESULTS.md (all the digits, students at 96-98%, 5 seeds paired): kd is the strongest base
-    # term (98.05% top-1), and kd+london vs kd is -0.61 (se 0.65): no cost beyond its standard error, while
-    # the term gains under noise (sigma 0.2: +1.73, se 0.82), so `london` (ce + kd + the term) stays
+    # benchmarks/RESULTS.md (all the digits, students at 96-98%, 8 seeds paired): kd is the strongest base
+    # term (98.02% top-1), and kd+london vs kd is -0.28 (se 0.43): no cost beyond its standard error, while
+    # the term gains under noise (sigma 0.2: +2.96, se 0.78), so `london` (ce + kd + the term) stays
     recipe_defaults = {"method": "london"}
     default_method_reason = ("kd measured strongest, +london costs no top-1 beyond its standard error and holds up better under noise, "
                              "benchmarks/RESULTS.md")
