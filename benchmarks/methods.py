@@ -3,9 +3,10 @@
 
 The default setting is the one nearest convergence that the 2-core CPU affords: the 1,797 plain digits
 (`lcdistill data digits`), the whole train set (--fractions 1), 12 student epochs (students at 96-98%
-top-1; the table's "last 3 epochs" column says how much they still moved: 0.1-0.9 points on 2026-12-04),
-seeds 0-7, resnet18 teacher trained on the same train set. About 11 minutes a seed as two jobs of one
-thread on an otherwise idle 2-core machine (8 rows), so 8 seeds take about 1.5 hours.
+top-1; the table's "last 3 epochs" column says how much they still moved: 0.1-0.6 points at 8 seeds on
+2026-12-04), seeds 0-7, resnet18 teacher trained on the same train set. About 8 minutes a seed as two jobs
+of one thread on an otherwise idle 2-core machine (8 rows), so 8 seeds take about an hour; the paired
+standard errors were 0.37-0.63 points there.
 --fractions 0.1 0.2 gives every student only that share of train (per class, one fixed subset per fraction).
 
 --dataset crops: `lcdistill data digit-crops` (10,000 train / 2,000 val at 32 px, val from writers train
@@ -19,7 +20,8 @@ clean val top-1 and for top-1 under Gaussian noise and one-step FGSM (lcdistill.
 `lcdistill eval --robustness` prints). Writes the raw numbers after every run (methods.json beside --out)
 and markdown tables to benchmarks/results/methods.md, and prints them. Seeds added later render with the
 first ones (--render a.json b.json) when both runs used the same teacher: its scores must match, so keep a
-teacher run folder and pass it as --teacher RUN to each.
+teacher run folder and pass it as --teacher RUN to each (on one machine and torch, the default teacher
+retrains to the same scores).
 
     python benchmarks/methods.py --jobs 2 --threads 1
     python benchmarks/methods.py --fractions 0.1 0.2 --epochs 20 10 --seeds 0 1 2 3 4 --jobs 2
