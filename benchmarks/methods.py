@@ -48,6 +48,7 @@ import torch
 from rich.console import Console
 
 from lcdistill import models, recipe as recipes, robustness, run as runs, tasks
+from lcdistill.checkpoint import atomic_write_text
 from lcdistill.data import scan, write_digits
 from lcdistill.data.crops import write_digit_crops
 from lcdistill.lipschitz import report as lipschitz_report
@@ -90,7 +91,8 @@ class Record:
     def __call__(self, run: dict) -> None:
         self.runs.append(run)
         print(json.dumps(run), flush=True)
-        self.path.write_text(json.dumps({**self.head, "seconds": time.time() - self.start, "runs": self.runs}, indent=1))
+        # temp file, then rename: a benchmark stopped mid-write keeps the previous runs, not half a file
+        atomic_write_text(self.path, json.dumps({**self.head, "seconds": time.time() - self.start, "runs": self.runs}, indent=1))
 
 
 def student_run(job: dict, layers: list[dict], curve_key: str) -> tuple[dict, list[float], float]:
@@ -271,8 +273,6 @@ def load_raw(raws: list[Path]) -> dict:
     """One raw results file, or several of the same setting merged (more seeds run later, against the same
     teacher): runs concatenated, a run repeated in a later file replaced by it, seconds added up."""
     files = [json.loads(Path(raw).read_text()) for raw in raws]
-    # which invocation stopped early, once there are several (a later one usually runs the seeds it left)
-    stops = [f"invocation {i + 1} {f['stopped']}" for i, f in enumerate(files) if "stopped" in f]
     saved = files[0]
     keep = {k: v for k, v in saved["args"].items() if k not in PER_INVOCATION}
     for raw, more in zip(raws[1:], files[1:]):
@@ -286,7 +286,9 @@ def load_raw(raws: list[Path]) -> dict:
         saved["runs"] = [r for r in saved["runs"] if ident(r) not in replaced] + more["runs"]
         saved["seconds"] += more["seconds"]
         saved["command"] = " ; ".join(c for c in (saved.get("command"), more.get("command")) if c)
-        saved.pop("stopped", None)
+    if len(files) > 1:  # say which invocation stopped early (a later one usually runs the seeds it left)
+        stops = [f"invocation {i + 1} {f['stopped']}" for i, f in enumerate(files) if "stopped" in f]
+        saved.pop("stopped", None)  # saved is files[0]: read its own above first
         saved.update({"stopped": "; ".join(stops)} if stops else {})
     return saved
 
