@@ -27,8 +27,8 @@ demo: venv
 
 # Segmentation: digit scenes (VOC layout, 64 px), an FPN resnet18 teacher from scratch, an FPN over
 # timm's mobilenetv3_small_100 student (1/5 of the parameters, under half the FLOPs) distilled with the
-# segmentation task's default method, cwd (channel-wise distillation: over 3 seeds, benchmarks/RESULTS.md,
-# ce alone 31.0 mIoU, kd 34.5, kd + the Lipschitz term 36.5, cwd 45.4; cwd+london 44.7).
+# segmentation task's default method, cwd (channel-wise distillation: over 8 seeds, benchmarks/RESULTS.md,
+# kd 32.3 mIoU, kd + the Lipschitz term 34.4, cwd 43.3, cwd+london 42.5).
 # Why these (probes on one core, 5 epochs on 2,000 scenes): from scratch the nets learn digit versus
 # background first and which digit only later; FPN gets there sooner than Unet or DeepLabV3+, batch 8 gives
 # twice the steps of 16, and the lr must be high (teacher 0.008: 62% mIoU where 0.002 gave 44%; student
