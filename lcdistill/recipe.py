@@ -34,6 +34,7 @@ CORE: dict[str, Any] = {
         "kwargs": {},  # passed to the model constructor (drop_rate, width_mult, ...)
         "pretrained": False,  # start the student from hub weights
         "weights": None,  # or from a local .safetensors / .pth file
+        "init": None,  # or from what fits of a run folder / weights file of another label set or task (--init)
     },
     "method": "london",  # ce | kd | london | terms joined by '+' (see `lcdistill methods`)
     "loss": {

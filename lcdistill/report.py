@@ -13,6 +13,7 @@ from pathlib import Path
 from lcdistill.artifacts import identify
 from lcdistill.checkpoint import atomic_write, atomic_write_text
 from lcdistill.errors import UserError
+from lcdistill.models.transfer import init_line
 from lcdistill.robustness import NOTE, columns
 from lcdistill.runfolder import RunFolder, exported_files
 
@@ -230,7 +231,8 @@ def write(run: Path, evaluation: dict | None = None, lipschitz: dict | None = No
     arch = meta["arch"]
     facts = {"student": f"{arch['source']}:{arch['name']}", "method": meta.get("method"), "epochs": meta.get("epochs"),
              "teacher": (meta.get("teacher") or {}).get("origin"), "input size": "x".join(map(str, meta["input_size"])),
-             "classes": meta.get("num_classes"), "lcdistill": meta.get("lcdistill_version")}
+             "classes": meta.get("num_classes"), "started from": init_line(meta["init"]) if meta.get("init") else None,
+             "lcdistill": meta.get("lcdistill_version")}
     facts_html = "".join(f"<li><b>{html.escape(k)}</b>: {html.escape(str(v))}</li>" for k, v in facts.items() if v is not None)
     source = ("measured by <code>lcdistill eval</code> (eval.json)" if evaluation
               else "recorded at the end of training (student.json); run <code>lcdistill eval RUN --data DIR --save RUN/eval.json</code> for latency and export rows")

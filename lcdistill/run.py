@@ -25,6 +25,7 @@ from lcdistill.data.gpu import JpegDataset
 from lcdistill.distributed import replica_check
 from lcdistill.errors import TrainingStopped, UserError
 from lcdistill.evaluate import flops
+from lcdistill.models.transfer import init_from, init_line
 from lcdistill.runfolder import RunFolder
 from lcdistill.tasks import Splits, Task
 from lcdistill.train import Runtime, Trainer, setup_runtime
@@ -42,6 +43,7 @@ class Prepared:
     folder: RunFolder
     runtime: Runtime
     method_note: str = ""  # why this method, when no layer named one (the task's default)
+    init: dict | None = None  # what --init loaded (models.transfer.InitReport.as_dict)
 
 
 def default_run_dir(recipe: dict) -> Path:
@@ -80,6 +82,7 @@ def prepare(layers: list[dict], data_dir: str, teacher: str | None, teacher_weig
     s = recipe["student"]
     student = task.resolve(student_spec(s), len(classes), role="student", weights=s["weights"], pretrained=s["pretrained"],
                            flag="--weights (student.weights in a recipe)", kwargs=s["kwargs"], keep_head=False)
+    init = start_from(student, s, Path(out) if out else None, resume)
     if recipe["train"]["sync_bn"] and runtime.world > 1:
         student.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(student.model)
     # Unset sizes follow a teacher run (it was trained at them), else the student's own config.
@@ -100,9 +103,23 @@ def prepare(layers: list[dict], data_dir: str, teacher: str | None, teacher_weig
     if not resume and run_dir.exists() and any(run_dir.iterdir()):
         raise UserError(f"run folder {run_dir} already exists and is not empty", f"continue it with --resume {run_dir}, or choose another --out")
     inputs = {"data": str(Path(data_dir).resolve()), "teacher": teacher, "teacher_weights": teacher_weights, "classes": classes,
-              "skipped_files": splits.skipped}
+              "skipped_files": splits.skipped, **({"init": init} if init else {})}
     return Prepared(recipe, inputs, task, splits, student, loaded_teacher, int(input_size), RunFolder(run_dir), runtime,
-                    method_note(task, layers))
+                    method_note(task, layers), init)
+
+
+def start_from(student: models.Loaded, s: dict, run_dir: Path | None, resume: bool) -> dict | None:
+    """Load what fits of student.init (--init) into the student and say what; a resumed run's checkpoint
+    holds the weights already, so it only reads back what the first start recorded."""
+    if not s.get("init"):
+        return None
+    if s["weights"]:
+        raise UserError("--init and --weights both give the student its starting weights", "pass one of them")
+    if resume:
+        return json.loads(RunFolder(run_dir).inputs.read_text()).get("init") if run_dir else None
+    report = init_from(student.model, student.arch, s["init"])
+    student.origin += f" (init: {s['init']})"
+    return report.as_dict()
 
 
 def method_note(task: Task, layers: list[dict]) -> str:
@@ -168,6 +185,8 @@ def run(p: Prepared, console: Console, resume: bool = False) -> dict:
         console.print(f"[bold]{p.recipe['method']}[/]{escape(p.method_note)}: {role} {p.student.origin} ({p.student.params / 1e6:.2f}M params)"
                       + (f" <- teacher {p.teacher.origin} ({p.teacher.params / 1e6:.2f}M)" if p.teacher else "")
                       + f", {len(p.splits.train.samples)} train / {len(p.splits.val.samples)} val images, {len(p.splits.classes)} classes, {p.input_size}px, {rt.device}")
+        if p.init:
+            console.print(f"  {escape(init_line(p.init))}")
         for line in distiller.describe():
             console.print(f"  {line}")
         guardrails.warn(p, console)  # settings that run but are likely mistakes: one line each, naming the flag
@@ -220,7 +239,7 @@ def finish(p: Prepared, trainer: Trainer, console: Console, teacher_val: dict, r
         rows.insert(0, ("teacher", p.teacher.origin, t, p.teacher.params, count(p.teacher.model)))
     meta = models.model_meta(p.student, p.splits.classes, size, {
         **p.task.metadata(p.splits.classes), "method": p.recipe["method"], **values, "teacher": teacher_entry, "epochs": trainer.epoch,
-        **({"ddp": replicas} if replicas else {}),
+        **({"ddp": replicas} if replicas else {}), **({"init": p.init} if p.init else {}),
     })
     if replicas and not replicas["ranks_identical"]:
         console.print(f"[bold red]warning[/]: the {replicas['world']} processes ended with different weights (see ddp in {p.folder.meta.name}); rank 0's are saved")

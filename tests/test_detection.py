@@ -65,11 +65,69 @@ def test_map_of_a_hand_computed_case():
     # recall up to 1, at every IoU threshold, so AP = 50 (COCO's 101-point interpolation)
     m = MeanAP(2)
     m.update([det([[30, 30, 40, 40], [0, 0, 10, 10]], [0.9, 0.8], [0, 0])], [truth([[0, 0, 10, 10]], [0])])
-    assert m.compute() == pytest.approx({"map": 50.0, "map_50": 50.0, "map_75": 50.0})
+    assert m.compute() == pytest.approx({"map": 50.0, "map_50": 50.0, "map_75": 50.0, "map_50_any": 50.0, "labels_right": 100.0})
     perfect = MeanAP(2)
     perfect.update([det([[0, 0, 10, 10]], [0.9], [1])], [truth([[0, 0, 10, 10]], [1])])
     assert perfect.compute()["map"] == pytest.approx(100.0)
     assert perfect.details(["a", "b"])["ap"] == {"a": None, "b": pytest.approx(100.0)}
+
+
+def test_class_agnostic_ap50_and_labels_right_by_hand():
+    # two objects, both found at IoU > 0.5; the first with the wrong label scored above a right one, the second right:
+    # labels right 1 of 2 (the best-scored detection decides); any-class AP50 100, AP50 of class 0 found 1 of 1 but
+    # after a false positive of class 1 ranked first elsewhere
+    m = MeanAP(2)
+    m.update([det([[0, 0, 10, 10], [0, 0, 10, 9], [20, 20, 30, 30]], [0.9, 0.5, 0.8], [1, 0, 1])],
+             [truth([[0, 0, 10, 10], [20, 20, 30, 30]], [0, 1])])
+    values = m.compute()
+    assert values["labels_right"] == pytest.approx(50.0) and values["map_50_any"] == pytest.approx(100.0)
+    assert values["map_50"] < 100.0
+
+
+def test_guessed_labels_earn_the_warning_and_right_ones_do_not():
+    """A detector whose boxes are right but whose labels are shuffled: labels right near chance, the warning's phrase."""
+    g = torch.Generator().manual_seed(0)
+    preds, targets, shuffled = [], [], []
+    for _ in range(30):
+        boxes = torch.tensor([[0, 0, 20, 20], [30, 30, 50, 50]], dtype=torch.float32)
+        labels = torch.randint(0, 10, (2,), generator=g)
+        targets.append({"boxes": boxes, "labels": labels, "ignore": torch.zeros(2, dtype=torch.bool)})
+        preds.append({"boxes": boxes, "scores": torch.tensor([0.9, 0.8]), "labels": labels})
+        shuffled.append({**preds[-1], "labels": torch.randint(0, 10, (2,), generator=g)})
+    right, guessed = MeanAP(10), MeanAP(10)
+    right.update(preds, targets)
+    guessed.update(shuffled, targets)
+    assert right.guessing() is None and right.compute()["labels_right"] == 100.0
+    phrase = guessed.guessing()
+    assert phrase is not None and "of the 60 val boxes it finds (chance: 10%)" in phrase
+    values = guessed.compute()
+    assert values["map_50_any"] == pytest.approx(100.0) and values["map_50"] < 30.0
+
+
+def test_the_validator_warns_once_at_the_last_epoch_when_labels_are_guessed():
+    from io import StringIO
+
+    from rich.console import Console
+
+    from lcdistill.train.validator import Validator
+
+    class Guessing:
+        def collapsed(self):
+            return None
+
+        def guessing(self):
+            return "the label is right on 9% of the 60 val boxes it finds (chance: 10%)"
+
+    out = StringIO()
+    v = Validator.__new__(Validator)
+    v.console, v.runtime = Console(file=out, width=300), SimpleNamespace(main=True)
+    v.metric, v.collapses, v.warned = MeanAP(10), 0, False
+    values = {"map": 1.0, "map_50": 2.0, "map_75": 0.5, "map_50_any": 30.0, "labels_right": 9.0}
+    v.scored = [(values, Guessing())]
+    v.line({"epoch": 1}, 2, {"loss": 1.0}, values, 0)
+    assert "warning" not in out.getvalue()  # not before training ends
+    v.line({"epoch": 2}, 2, {"loss": 1.0}, values, 0)
+    assert out.getvalue().count("guesses their classes") == 1 and "--init" in out.getvalue()
 
 
 def test_a_detection_of_an_ignored_box_is_no_false_positive():

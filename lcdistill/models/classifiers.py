@@ -111,6 +111,15 @@ class Classifiers(Family):
     def data_config(self, model: nn.Module) -> dict:
         return data_config(model)
 
+    def prefixes(self) -> tuple[str, ...]:
+        return ("", "features.")  # torchvision's mobilenets keep their trunk in `features`
+
+    def class_layers(self, model: nn.Module) -> list[str]:
+        """The classifier: timm's get_classifier, else the last Linear."""
+        head = model.get_classifier() if hasattr(model, "get_classifier") else None
+        found = [n for n, m in model.named_modules() if m is head and isinstance(m, nn.Linear)]
+        return found or [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][-1:]
+
     def check_head(self, arch: dict, num_classes: int, flag: str) -> None:
         if num_classes != 1000:
             spec = self.spec_of(arch)

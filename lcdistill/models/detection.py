@@ -15,7 +15,8 @@ Names (`--model`, `--teacher`, `--student`):
 
 The input size the recipe trains at is the size the detector's own transform uses (min_size =
 max_size = input size, set by the detection task): a 128 px scene is not upscaled to 800.
-Pretrained (`--pretrained`): ImageNet backbone weights (offline: the one-line error).
+Pretrained (`--pretrained`): a torchvision detector's whole COCO weights, its class layers made fresh for the
+data's classes (torchvision's fine-tuning recipe); det:<arch>:<backbone>'s ImageNet backbone (offline: the one-line error).
 """
 
 from __future__ import annotations
@@ -33,10 +34,11 @@ from torchvision.models.detection.backbone_utils import mobilenet_backbone, resn
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
 from lcdistill.errors import UserError
-from lcdistill.models.hub import _offline_error, _reachable
+from lcdistill.models.hub import _offline_error, _reachable, tv_pretrained_weights
 from lcdistill.models.probe import Stage
 from lcdistill.models.registry import Family, register
 from lcdistill.models.stages import find_stages
+from lcdistill.models.transfer import load_matching
 
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 ARCHS = {"fcos": FCOS, "retinanet": RetinaNet}
@@ -102,22 +104,16 @@ def _build(arch: dict, num_classes: int, pretrained: bool, flag: str) -> nn.Modu
     try:
         if arch["source"] == "det":
             return _custom(arch, n, pretrained, flag, kwargs)
-        weights = {"weights": None, "weights_backbone": None}
-        if pretrained:
-            import inspect
-
-            default = inspect.signature(torchvision.models.get_model_builder(arch["name"])).parameters["weights_backbone"].default
-            if not _reachable(default.url.split("/")[2]):
-                raise _offline_error(f"tv:{arch['name']}", flag)
-            weights["weights_backbone"] = default
-        if arch["name"].startswith("ssd"):  # SSD resizes to a fixed size of its own
-            size = kwargs.pop("min_size", None)
+        coco = tv_pretrained_weights(arch["name"], flag) if pretrained else None  # offline: the one-line error, before building
+        size = kwargs.pop("min_size", None) if arch["name"].startswith("ssd") else None  # SSD resizes to a fixed size of its own
+        if size:
             kwargs.pop("max_size", None)
-            model = torchvision.models.get_model(arch["name"], num_classes=n, **weights, **kwargs)
-            if size:
-                model.transform.fixed_size = (size, size)
-            return model
-        return torchvision.models.get_model(arch["name"], num_classes=n, **weights, **kwargs)
+        model = torchvision.models.get_model(arch["name"], num_classes=n, weights=None, weights_backbone=None, **kwargs)
+        if size:
+            model.transform.fixed_size = (size, size)
+        if coco is not None:  # the whole COCO detector, its class layers made fresh for the data's classes (torchvision's fine-tuning recipe)
+            load_matching(model, arch, coco.get_state_dict(progress=False), f"tv:{arch['name']} {coco}")
+        return model
     except (TypeError, ValueError) as e:
         raise UserError(f"cannot build {arch['source']}:{arch['name']} with {kwargs} ({str(e).splitlines()[0]})",
                         "check student.kwargs in the recipe") from None
@@ -182,6 +178,19 @@ class Detectors(Family):
         raise UserError(f"{spec} has no trained head for the data's {num_classes} classes",
                         f"pass {flag} FILE with weights for these classes, or train it on this data first"
                         f" with `lcdistill train --model {spec} --data DIR` and pass that run folder")
+
+    def prefixes(self) -> tuple[str, ...]:
+        return ("backbone.body.",)  # the trunk under an FPN (resnet's layer1-4, mobilenet's features)
+
+    def class_layers(self, model: nn.Module) -> list[str]:
+        """The layers that score (and, in Faster R-CNN, box) each class: dense heads' cls_logits, the ROI box
+        predictor, SSD's classification head."""
+        names = {n for n, _ in model.named_modules()}
+        wanted = ("head.classification_head.cls_logits", "roi_heads.box_predictor")
+        found = [n for n in wanted if n in names]
+        if isinstance(model, SSD):
+            found.append("head.classification_head")
+        return found
 
     def stages(self, model: nn.Module, probe_size: int):
         """The backbone's stages (before the FPN), found by probing the backbone body alone: a detector's

@@ -42,6 +42,15 @@ class Family:
     def check_head(self, arch: dict, num_classes: int, flag: str) -> None:
         """A UserError when hub weights have no head for num_classes (a teacher must come trained)."""
 
+    def prefixes(self) -> tuple[str, ...]:
+        """Where a backbone's own tensor names sit in this family's models (`layer1.0.conv1.weight` under
+        `backbone.body.` in a detector): --init matches names across families under these."""
+        return ("",)
+
+    def class_layers(self, model: nn.Module) -> list[str]:
+        """Module paths of model's class-specific layers: made fresh when --init brings another label set."""
+        return []
+
     def stages(self, model: nn.Module, probe_size: int):
         """This family's stages of model (models.Stage list), None when model is not its own or it has no
         better answer than probing."""

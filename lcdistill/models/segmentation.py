@@ -17,9 +17,9 @@ Names (`--model`, `--teacher`, `--student`, `student.name` with `student.source`
         smp:Unet:tu-mobilenetv3_small_100. In a recipe: student: {source: smp, name: DeepLabV3Plus:mobilenet_v2}.
 
 Pretrained (`--pretrained`, student.pretrained): the encoder's ImageNet weights (smp: encoder_weights
-"imagenet", tu-: timm's; torchvision: weights_backbone DEFAULT), or torchvision's whole model
-(COCO with VOC labels) when the data has VOC's 21 classes. Offline, the same one-line error as for
-classifiers, naming a weights file instead.
+"imagenet", tu-: timm's), or torchvision's whole model (COCO with VOC labels): as it is when the data has
+VOC's 21 classes, else with its class layers made fresh for the data's. Offline, the same one-line error
+as for classifiers, naming a weights file instead.
 
 Data config: ImageNet mean/std, 512 px unless the recipe (or a teacher run) says otherwise, crop_pct
 1.0 (eval resizes the whole image, never centre-crops), bilinear.
@@ -38,6 +38,7 @@ from lcdistill.models.registry import Family, register
 from lcdistill.models.hub import _offline_error, _reachable
 from lcdistill.models.probe import ProbeResult, Stage, probe_twice
 from lcdistill.models.taps import unwrap
+from lcdistill.models.transfer import load_matching
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
@@ -109,15 +110,15 @@ def _pretrained_smp(name: str, flag: str) -> object:
     return True if encoder.startswith("tu-") else "imagenet"
 
 
-def _pretrained_tv(name: str, num_classes: int, flag: str) -> dict:
-    """get_model kwargs: the whole model's weights for VOC's 21 classes, else the backbone's."""
+def _pretrained_tv(name: str, num_classes: int, flag: str, whole: bool = False) -> dict:
+    """get_model kwargs: the whole model's weights for VOC's 21 classes (or whole=True), else the backbone's."""
     import inspect
     from pathlib import Path
 
     import torchvision
 
     builder = torchvision.models.get_model_builder(name)
-    if num_classes == 21:
+    if num_classes == 21 or whole:
         key, weights = "weights", torchvision.models.get_model_weights(name).DEFAULT
     else:  # the builder's own default backbone weights (ImageNet)
         key, weights = "weights_backbone", inspect.signature(builder).parameters["weights_backbone"].default
@@ -149,11 +150,15 @@ def build(arch: dict, num_classes: int, pretrained: bool = False, flag: str = "-
             kwargs.setdefault("aux_loss", True)
         weights = {"weights": None, "weights_backbone": None}
         if pretrained:
-            weights.update(_pretrained_tv(name, num_classes, flag))
-        if weights.get("weights") is not None:  # whole-model weights: 21 classes and the aux head as saved
+            weights.update(_pretrained_tv(name, num_classes, flag, whole=True))
+        if weights.get("weights") is not None and num_classes == 21:  # whole-model weights: VOC's 21 classes and the aux head as saved
             kwargs.pop("aux_loss", None)
             return torchvision.models.get_model(name, **weights, **kwargs)
-        return torchvision.models.get_model(name, num_classes=num_classes, **weights, **kwargs)
+        whole = weights.pop("weights")
+        model = torchvision.models.get_model(name, num_classes=num_classes, weights=None, **{**weights, "weights_backbone": None}, **kwargs)
+        if whole is not None:  # the COCO-VOC model, its class layers made fresh for the data's classes
+            load_matching(model, arch, whole.get_state_dict(progress=False), f"tv:{name} {whole}")
+        return model
     except (TypeError, ValueError, KeyError) as e:
         if isinstance(e, UserError):
             raise
@@ -321,6 +326,16 @@ class SegmentationModels(Family):
 
     def stages(self, model: nn.Module, probe_size: int):
         return encoder_stages(model, probe_size)
+
+    def prefixes(self) -> tuple[str, ...]:
+        return ("encoder.", "encoder.model.", "backbone.")  # smp's encoders (timm's under tu-), torchvision's backbone
+
+    def class_layers(self, model: nn.Module) -> list[str]:
+        """The final convolutions that score the classes: smp's segmentation (and aux) head, torchvision's last classifier convs."""
+        names = [n for n, _ in model.named_modules()]
+        wanted = ("segmentation_head", "classification_head", "classifier.4", "aux_classifier.4", "classifier.low_classifier",
+                  "classifier.high_classifier")
+        return [n for n in wanted if n in names]
 
     def library(self, arch: dict) -> str:
         return "segmentation_models_pytorch" if arch["source"] == "smp" else "torchvision"

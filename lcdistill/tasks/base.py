@@ -106,6 +106,11 @@ class Metric:
         phrase for a warning, or None (also for a task that cannot tell)."""
         return None
 
+    def guessing(self) -> str | None:
+        """What shows the model finds its objects but guesses their classes (a detector whose labels on
+        found boxes are near chance), as a short phrase for a warning, or None."""
+        return None
+
     @property
     def count(self) -> int:
         """How many images were measured."""

@@ -39,7 +39,10 @@ class MeanAP(Metric):
     image and gathered from every DDP rank before computing: an average of per-rank mAPs is not the mAP."""
 
     best = "map"
-    columns = (("mAP %", "map"), ("AP50 %", "map_50"), ("AP75 %", "map_75"))
+    # AP50 with every label set to one class (boxes alone), and the share of the val boxes found at IoU > 0.5
+    # whose best-scored detection names the right class: a detector that finds boxes but guesses their
+    # classes shows a high "AP50 any" beside a low AP50, and "labels right" near chance
+    columns = (("mAP %", "map"), ("AP50 %", "map_50"), ("AP75 %", "map_75"), ("AP50 any %", "map_50_any"), ("labels right %", "labels_right"))
 
     def __init__(self, num_classes: int):
         self.num_classes = num_classes
@@ -67,13 +70,32 @@ class MeanAP(Metric):
             metric = MeanAveragePrecision(box_format="xyxy", iou_type="bbox", class_metrics=True, backend="faster_coco_eval")
             metric.update(self.preds, self.targets)
             self._result = metric.compute()
+            anyclass = MeanAveragePrecision(box_format="xyxy", iou_type="bbox", iou_thresholds=[0.5], backend="faster_coco_eval")
+            anyclass.update([{**p, "labels": torch.zeros_like(p["labels"])} for p in self.preds],
+                            [{**t, "labels": torch.zeros_like(t["labels"])} for t in self.targets])
+            self._result["map_50_any"] = anyclass.compute()["map"]
+            self._result["labels"] = labels_right(self.preds, self.targets)
         return self._result
 
     def compute(self) -> dict[str, float]:
         if not self.targets:
-            return {"map": 0.0, "map_50": 0.0, "map_75": 0.0}
+            return {"map": 0.0, "map_50": 0.0, "map_75": 0.0, "map_50_any": 0.0, "labels_right": 0.0}
         r = self.result()
-        return {k: max(0.0, 100.0 * float(r[k])) for k in ("map", "map_50", "map_75")}  # -1: nothing to score
+        right, found = r["labels"]
+        values = {k: max(0.0, 100.0 * float(r[k])) for k in ("map", "map_50", "map_75", "map_50_any")}  # -1: nothing to score
+        return {**values, "labels_right": 100.0 * right / max(found, 1)}
+
+    def guessing(self) -> str | None:
+        """The labels on found boxes are near chance (under twice chance, and under halfway from chance to
+        all right): the detector localises but does not tell its classes apart."""
+        if not self.targets or self.num_classes < 2:
+            return None
+        right, found = self.result()["labels"]
+        chance = 100.0 / self.num_classes
+        share = 100.0 * right / max(found, 1)
+        if found < 20 or share >= min(2 * chance, (100 + chance) / 2):
+            return None
+        return f"the label is right on {share:.0f}% of the {found} val boxes it finds (chance: {chance:.0f}%)"
 
     def details(self, classes: list[str]) -> dict:
         if not self.targets:
@@ -91,6 +113,24 @@ class MeanAP(Metric):
     @property
     def count(self) -> int:
         return len(self.targets)
+
+
+def labels_right(preds: list[dict], targets: list[dict], iou: float = 0.5) -> tuple[int, int]:
+    """(val boxes whose best-scored detection at IoU > iou, of any label, has the right label; val boxes
+    found at all), ignored boxes left out."""
+    right = found = 0
+    for p, t in zip(preds, targets):
+        keep = ~t["iscrowd"].bool() if "iscrowd" in t else torch.ones(len(t["labels"]), dtype=torch.bool)
+        boxes, labels = t["boxes"][keep], t["labels"][keep]
+        if not len(boxes) or not len(p["boxes"]):
+            continue
+        overlap = box_iou(boxes, p["boxes"]) > iou  # [gt, pred]
+        scored = torch.where(overlap, p["scores"][None, :], torch.full_like(overlap, -1.0, dtype=p["scores"].dtype))
+        best = scored.argmax(1)
+        hit = overlap.any(1)
+        found += int(hit.sum())
+        right += int((p["labels"][best] == labels)[hit].sum())
+    return right, found
 
 
 class DetectorExport(nn.Module):

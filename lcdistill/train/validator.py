@@ -62,6 +62,17 @@ class Validator:
         bad = f"  skipped {skipped} bad images" if skipped else ""
         self.console.print(f"epoch {row['epoch']}/{epochs}  {parts}  val {metric.describe(val)}{extra}{bad}")
         self.warn_collapse(val)
+        if row["epoch"] == epochs:
+            self.warn_guessing(val)
+
+    def warn_guessing(self, val: dict) -> None:
+        """One warning line when the trained model's predictions (those that made `val`) find objects but guess their classes."""
+        scored = next((m for values, m in self.scored if values is val), None)
+        what = scored.guessing() if scored is not None else None
+        if what:
+            self.console.print(f"[bold yellow]warning[/]: the model finds objects but guesses their classes ({escape(what)}): "
+                               "start it from a backbone that knows them (--init RUN_OR_FILE: a classifier or segmentation run on "
+                               "this data, or --pretrained), or train more epochs", soft_wrap=True, highlight=False)
 
     def warn_collapse(self, val: dict) -> None:
         """One warning line when the student's predictions (those that made `val`) collapsed at two validations in a row."""
