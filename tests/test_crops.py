@@ -69,6 +69,22 @@ def test_train_and_val_come_from_disjoint_halves(crop_set):
         assert all(digits.target[source] == on_disk[name] for name, source in manifest[split].items())
 
 
+def test_plain_crops_are_the_digits_white_on_black_and_share_no_source_with_scene_val(tmp_path):
+    """--plain: the digit as `data digits` draws it, from the crops' train half, which holds no val digit of the
+    scenes of the same seed (the detection demo pretrains on it and is scored on those scenes)."""
+    out = tmp_path / "plain"
+    write_digit_crops(out, train=100, val=20, seed=0, plain=True)
+    digits = load_digits()
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert manifest["plain"] is True
+    name, source = next(iter(manifest["train"].items()))
+    path = next((out / "train").glob(f"*/{name}.png"))
+    want = Image.fromarray((digits.images[source] / 16.0 * 255).astype(np.uint8), "L").resize((32, 32), Image.BILINEAR).convert("RGB")
+    assert np.array_equal(np.asarray(Image.open(path)), np.asarray(want))
+    _, scene_val = split_sources(len(digits.images), 0, 0.2)
+    assert not set(manifest["train"].values()) & set(scene_val.tolist())
+
+
 def test_same_seed_same_bytes_other_seed_other_images(tmp_path):
     a, b, c = (tmp_path / n for n in "abc")
     for out, seed in ((a, 5), (b, 5), (c, 6)):

@@ -50,8 +50,9 @@ def digit_crops(
     train: int = typer.Option(10000, "--train", help="Train images to write (at least 10)."),
     val: int = typer.Option(2000, "--val", help="Val images to write (at least 10)."),
     seed: int = typer.Option(0, "--seed"),
+    plain: bool = typer.Option(False, "--plain", help="Each digit white on black, filling the image (as `data digits`), from the same source halves: a pretraining stage that never sees a val digit of the crops or the scenes."),
 ):
     """Harder digits: each scaled and placed at random on a noisy background, train and val from disjoint source digits (ImageFolders)."""
     from lcdistill.data.crops import CLASSES, write_digit_crops
 
-    wrote(out, *write_digit_crops(out, size=size, train=train, val=val, seed=seed), classes=len(CLASSES))
+    wrote(out, *write_digit_crops(out, size=size, train=train, val=val, seed=seed, plain=plain), classes=len(CLASSES))

@@ -39,6 +39,12 @@ MIN_SIZE, MIN_IMAGES = 16, 10  # 10: one image per class, so every class folder 
 MANIFEST = "sources.json"
 
 
+def _plain(digit: np.ndarray, size: int) -> np.ndarray:
+    """RGB uint8 [size, size, 3]: the digit white on black, filling the image, as `data digits` writes it."""
+    grey = Image.fromarray((digit / 16.0 * 255).astype(np.uint8), "L").resize((size, size), Image.BILINEAR)
+    return np.asarray(grey.convert("RGB"))
+
+
 def _crop(rng: np.random.Generator, digit: np.ndarray, size: int) -> np.ndarray:
     """RGB uint8 [size, size, 3]: one 8x8 digit pasted as `_scene` in scenes.py pastes each of its digits."""
     canvas = _background(rng, size)
@@ -63,8 +69,14 @@ def _check(size: int, train: int, val: int) -> None:
             raise UserError(f"--{name} {n} is too few images", f"write at least {MIN_IMAGES} (one per class) to each of train and val")
 
 
-def write_digit_crops(out: str | Path, size: int = 32, train: int = 10000, val: int = 2000, seed: int = 0) -> tuple[int, int]:
+def write_digit_crops(out: str | Path, size: int = 32, train: int = 10000, val: int = 2000, seed: int = 0,
+                      plain: bool = False) -> tuple[int, int]:
     """Write `train` + `val` size x size digit crops as train/ and val/ ImageFolders; (n_train, n_val).
+
+    plain: each digit white on black and filling the image, as `data digits` writes it, but drawn from
+    the same halves of the source digits as the crops and the scenes of the same seed (whose val digits
+    are in neither train half): a first pretraining stage that learns the shapes fast and never sees a
+    val digit of either.
 
     Written into a hidden sibling folder and renamed into place at the end, so OUT is either
     complete or absent; an existing non-empty OUT is refused. The same arguments give
@@ -75,7 +87,7 @@ def write_digit_crops(out: str | Path, size: int = 32, train: int = 10000, val: 
     with staged(out) as staging:
         digits = load_digits()
         halves = dict(zip(("train", "val"), split_sources(len(digits.images), seed, 0.5)))
-        manifest: dict = {"seed": seed, "size": size, "scale": list(SCALE)}
+        manifest: dict = {"seed": seed, "size": size, "scale": list(SCALE), "plain": plain}
         for k, (split, n) in enumerate((("train", train), ("val", val))):
             # Its own stream per split: changing --val leaves every train image as it was.
             rng = np.random.default_rng([seed, 2, k])
@@ -89,7 +101,7 @@ def write_digit_crops(out: str | Path, size: int = 32, train: int = 10000, val: 
             for i, label in enumerate(labels):
                 source = int(rng.choice(by_class[label]))  # with replacement, from this split's half only
                 name = f"{i:0{width}d}"
-                image = _crop(rng, digits.images[source], size)
+                image = _plain(digits.images[source], size) if plain else _crop(rng, digits.images[source], size)
                 Image.fromarray(image, "RGB").save(staging / split / CLASSES[label] / f"{name}.png", format="PNG")
                 used[name] = source
             manifest[split] = used
