@@ -266,7 +266,7 @@ def compare(args, work: Path) -> None:
 
 # what may differ between raw files that render as one table: which seeds and methods ran, where and how fast, and
 # whether the teacher was trained or reused, and from which folder (its own scores must match)
-PER_INVOCATION = {"seeds", "methods", "jobs", "threads", "out", "render", "argv", "teacher_run", "teacher"}
+PER_INVOCATION = {"seeds", "methods", "jobs", "threads", "out", "render", "argv", "teacher_run", "teacher", "student_init"}
 
 
 def load_raw(raws: list[Path]) -> dict:

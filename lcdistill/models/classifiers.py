@@ -11,6 +11,7 @@ from torch import nn
 
 from lcdistill.errors import UserError
 from lcdistill.models.registry import Family, register
+from lcdistill.models.loaded import quick_batchnorm
 from lcdistill.models.hub import resolve_source, timm_pretrained_kwargs, torchvision_names, tv_pretrained_weights
 from lcdistill.specs import split_source
 
@@ -47,17 +48,6 @@ def _init_head(model: nn.Module) -> None:
         nn.init.normal_(head.weight, std=0.01)
         if head.bias is not None:
             nn.init.zeros_(head.bias)
-
-
-def quick_batchnorm(model: nn.Module) -> None:
-    """BatchNorm running statistics at torch's default momentum 0.1 in a model trained from scratch.
-
-    torchvision's MobileNetV3 sets 0.01, for its 600-epoch ImageNet recipe: over a short run the running
-    statistics then lag the weights so far that eval sees another network. tv:mobilenet_v3_small on plain
-    digits, 5 epochs: 10.0% val top-1 at every epoch (a constant prediction) with 0.01, 98.2% with 0.1."""
-    for module in model.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.momentum is not None and module.momentum < 0.1:
-            module.momentum = 0.1
 
 
 def data_config(model: nn.Module) -> dict:

@@ -38,6 +38,7 @@ from lcdistill.models.hub import _offline_error, _reachable, tv_pretrained_weigh
 from lcdistill.models.probe import Stage
 from lcdistill.models.registry import Family, register
 from lcdistill.models.stages import find_stages
+from lcdistill.models.loaded import quick_batchnorm
 from lcdistill.models.transfer import load_matching
 
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
@@ -109,6 +110,7 @@ def _build(arch: dict, num_classes: int, pretrained: bool, flag: str) -> nn.Modu
         if size:
             kwargs.pop("max_size", None)
         model = torchvision.models.get_model(arch["name"], num_classes=n, weights=None, weights_backbone=None, **kwargs)
+        quick_batchnorm(model)  # SSDlite sets 0.03, for 600 COCO epochs
         if size:
             model.transform.fixed_size = (size, size)
         if coco is not None:  # the whole COCO detector, its class layers made fresh for the data's classes (torchvision's fine-tuning recipe)

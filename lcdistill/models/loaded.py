@@ -18,6 +18,18 @@ def params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def quick_batchnorm(model: nn.Module) -> None:
+    """BatchNorm running statistics at torch's default momentum 0.1 in a model trained from scratch.
+
+    torchvision's MobileNetV3 (and the classifiers, segmentation models and detectors over it) sets 0.01, for
+    its 600-epoch ImageNet recipe: over a short run the running statistics then lag the weights so far that
+    eval sees another network. tv:mobilenet_v3_small on plain digits, 5 epochs: 10.0% val top-1 at every
+    epoch (a constant prediction) with 0.01, 98.2% with 0.1."""
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.momentum is not None and module.momentum < 0.1:
+            module.momentum = 0.1
+
+
 @dataclass
 class Loaded:
     """A built model and what is needed to feed it and to rebuild it."""

@@ -35,9 +35,10 @@ from torch import nn
 
 from lcdistill.errors import UserError
 from lcdistill.models.registry import Family, register
-from lcdistill.models.hub import _offline_error, _reachable
+from lcdistill.models.hub import _offline_error, _reachable, tv_pretrained_weights
 from lcdistill.models.probe import ProbeResult, Stage, probe_twice
 from lcdistill.models.taps import unwrap
+from lcdistill.models.loaded import quick_batchnorm
 from lcdistill.models.transfer import load_matching
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
@@ -110,24 +111,6 @@ def _pretrained_smp(name: str, flag: str) -> object:
     return True if encoder.startswith("tu-") else "imagenet"
 
 
-def _pretrained_tv(name: str, num_classes: int, flag: str, whole: bool = False) -> dict:
-    """get_model kwargs: the whole model's weights for VOC's 21 classes (or whole=True), else the backbone's."""
-    import inspect
-    from pathlib import Path
-
-    import torchvision
-
-    builder = torchvision.models.get_model_builder(name)
-    if num_classes == 21 or whole:
-        key, weights = "weights", torchvision.models.get_model_weights(name).DEFAULT
-    else:  # the builder's own default backbone weights (ImageNet)
-        key, weights = "weights_backbone", inspect.signature(builder).parameters["weights_backbone"].default
-    cached = Path(torch.hub.get_dir()) / "checkpoints" / weights.url.split("/")[-1]
-    if not cached.is_file() and not _reachable(weights.url.split("/")[2]):
-        raise _offline_error(f"tv:{name}", flag)
-    return {key: weights}
-
-
 def build(arch: dict, num_classes: int, pretrained: bool = False, flag: str = "--weights") -> nn.Module:
     """The segmentation model of arch with num_classes output channels (see the module doc)."""
     source, name, kwargs = arch["source"], arch["name"], dict(arch.get("kwargs") or {})
@@ -148,15 +131,14 @@ def build(arch: dict, num_classes: int, pretrained: bool = False, flag: str = "-
         params = inspect.signature(torchvision.models.get_model_builder(name)).parameters
         if "aux_loss" in params:
             kwargs.setdefault("aux_loss", True)
-        weights = {"weights": None, "weights_backbone": None}
-        if pretrained:
-            weights.update(_pretrained_tv(name, num_classes, flag, whole=True))
-        if weights.get("weights") is not None and num_classes == 21:  # whole-model weights: VOC's 21 classes and the aux head as saved
+        whole = tv_pretrained_weights(name, flag) if pretrained else None
+        if whole is not None and num_classes == 21:  # VOC's 21 classes: the model and its aux head as saved
             kwargs.pop("aux_loss", None)
-            return torchvision.models.get_model(name, **weights, **kwargs)
-        whole = weights.pop("weights")
-        model = torchvision.models.get_model(name, num_classes=num_classes, weights=None, **{**weights, "weights_backbone": None}, **kwargs)
-        if whole is not None:  # the COCO-VOC model, its class layers made fresh for the data's classes
+            return torchvision.models.get_model(name, weights=whole, weights_backbone=None, **kwargs)
+        model = torchvision.models.get_model(name, num_classes=num_classes, weights=None, weights_backbone=None, **kwargs)
+        if whole is None:
+            quick_batchnorm(model)
+        else:  # the COCO-VOC model, its class layers made fresh for the data's classes
             load_matching(model, arch, whole.get_state_dict(progress=False), f"tv:{name} {whole}")
         return model
     except (TypeError, ValueError, KeyError) as e:

@@ -118,6 +118,6 @@ def load_matching(model: nn.Module, arch: dict, source: dict[str, torch.Tensor],
     if len(fitted) < MIN_SOURCE_SHARE * len(source) or len(fitted) < MIN_TARGET_SHARE * len(own) or not fitted:
         raise UserError(f"--init {what} fits {spec} on {len(fitted)} of its {len(source)} tensors ({len(own)} in the model): "
                         "another architecture",
-                        "pass a run folder or weights file of the same backbone (a classifier, segmentation model or detector over it)")
+                        "pass a run folder or weights file of a model over the same backbone (e.g. a classifier of that architecture)")
     model.load_state_dict(fitted, strict=False)
     return InitReport(what, len(fitted), len(source), len(own), mapping, fresh_modules(model, set(fitted)), class_layers)

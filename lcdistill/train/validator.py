@@ -71,8 +71,8 @@ class Validator:
         what = scored.guessing() if scored is not None else None
         if what:
             self.console.print(f"[bold yellow]warning[/]: the model finds objects but guesses their classes ({escape(what)}): "
-                               "start it from a backbone that knows them (--init RUN_OR_FILE: a classifier or segmentation run on "
-                               "this data, or --pretrained), or train more epochs", soft_wrap=True, highlight=False)
+                               "start it from a backbone that knows them (--init RUN_OR_FILE: a run or weights file of a model trained "
+                               "on these objects, or --pretrained), or train more epochs", soft_wrap=True, highlight=False)
 
     def warn_collapse(self, val: dict) -> None:
         """One warning line when the student's predictions (those that made `val`) collapsed at two validations in a row."""
