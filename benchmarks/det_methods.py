@@ -37,8 +37,8 @@ FIRST = ["ce", "kd", "cwd", "pkd", "london"]
 CANDIDATES = ("kd", "cwd", "pkd")  # the terms a "+london" run may build on
 
 
-def layers(args, model: str, method: str, seed: int, epochs: int, lr: float) -> list[dict]:
-    return [{"task": "detection", "student": {"name": model}, "method": method, "train": {"seed": seed, "device": "cpu"},
+def layers(args, model: str, method: str, seed: int, epochs: int, lr: float, init: str | None = None) -> list[dict]:
+    return [{"task": "detection", "student": {"name": model, "init": init}, "method": method, "train": {"seed": seed, "device": "cpu"},
              "schedule": {**SCHEDULE, "epochs": epochs, "lr": lr}, **TERMS},
             {"data": {**DATA, "input_size": args.size}}]
 
@@ -64,16 +64,14 @@ def backbone(model: str, work: Path, name: str) -> Path:
 
 def demo_teacher(args, work: Path, scenes: Path) -> Path:
     """`make demo-det`'s teacher: its resnet18 trunk pretrained, then fine-tuned in the detector."""
-    teacher = layers(args, args.teacher, "ce", 0, args.teacher_epochs, args.teacher_lr)
-    teacher[0]["student"]["init"] = str(backbone("resnet18", work, "teacher"))
-    train(teacher, scenes, None, work / "teacher")
+    init = str(backbone("resnet18", work, "teacher"))
+    train(layers(args, args.teacher, "ce", 0, args.teacher_epochs, args.teacher_lr, init), scenes, None, work / "teacher")
     return work / "teacher"
 
 
 def one_run(job: dict) -> dict:
     args = argparse.Namespace(**job["args"])
-    student = layers(args, args.student, job["method"], job["seed"], args.epochs, args.lr)
-    student[0]["student"]["init"] = job["init"]
+    student = layers(args, args.student, job["method"], job["seed"], args.epochs, args.lr, job["init"])
     s, val_curve, seconds = student_run(job, student, "val_map")
     return {"method": job["method"], "seed": job["seed"], "map": s["map"], "map_50": s["map_50"], "labels_right": s["labels_right"],
             "seconds": seconds, "curve": val_curve}

@@ -110,10 +110,11 @@ def _build(arch: dict, num_classes: int, pretrained: bool, flag: str) -> nn.Modu
         if size:
             kwargs.pop("max_size", None)
         model = torchvision.models.get_model(arch["name"], num_classes=n, weights=None, weights_backbone=None, **kwargs)
-        quick_batchnorm(model)  # SSDlite sets 0.03, for 600 COCO epochs
         if size:
             model.transform.fixed_size = (size, size)
-        if coco is not None:  # the whole COCO detector, its class layers made fresh for the data's classes (torchvision's fine-tuning recipe)
+        if coco is None:
+            quick_batchnorm(model)  # SSDlite sets 0.03, for 600 COCO epochs
+        else:  # the whole COCO detector, its class layers made fresh for the data's classes (torchvision's fine-tuning recipe)
             load_matching(model, arch, coco.get_state_dict(progress=False), f"tv:{arch['name']} {coco}")
         return model
     except (TypeError, ValueError) as e:

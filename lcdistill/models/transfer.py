@@ -112,9 +112,10 @@ def init_from(model: nn.Module, arch: dict, path: str) -> InitReport:
 
 def load_matching(model: nn.Module, arch: dict, source: dict[str, torch.Tensor], what: str) -> InitReport:
     own = model.state_dict()
-    class_layers = registry.family_of(arch).class_layers(model)
+    family = registry.family_of(arch)
+    class_layers = family.class_layers(model)
     fitted, mapping = match(source, own, class_layers)
-    spec = registry.family_of(arch).spec_of(arch)
+    spec = family.spec_of(arch)
     if len(fitted) < MIN_SOURCE_SHARE * len(source) or len(fitted) < MIN_TARGET_SHARE * len(own) or not fitted:
         raise UserError(f"--init {what} fits {spec} on {len(fitted)} of its {len(source)} tensors ({len(own)} in the model): "
                         "another architecture",

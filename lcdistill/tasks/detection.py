@@ -90,9 +90,9 @@ class MeanAP(Metric):
         all right): the detector localises but does not tell its classes apart."""
         if not self.targets or self.num_classes < 2:
             return None
-        right, found = self.result()["labels"]
+        found = self.result()["labels"][1]
         chance = 100.0 / self.num_classes
-        share = 100.0 * right / max(found, 1)
+        share = self.compute()["labels_right"]
         if found < 20 or share >= min(2 * chance, (100 + chance) / 2):
             return None
         return f"the label is right on {share:.0f}% of the {found} val boxes it finds (chance: {chance:.0f}%)"
