@@ -38,7 +38,7 @@ CANDIDATES = ("kd", "cwd", "pkd")  # the terms a "+london" run may build on
 
 
 def layers(args, model: str, method: str, seed: int, epochs: int, lr: float, init: str | None = None) -> list[dict]:
-    return [{"task": "detection", "student": {"name": model, "init": init}, "method": method, "train": {"seed": seed, "device": "cpu"},
+    return [{"task": "detection", "student": {"name": model, "init": init, "kwargs": {"head_convs": args.head_convs}}, "method": method, "train": {"seed": seed, "device": "cpu"},
              "schedule": {**SCHEDULE, "epochs": epochs, "lr": lr}, **TERMS},
             {"data": {**DATA, "input_size": args.size}}]
 
@@ -52,13 +52,18 @@ def classifier(model: str, init: str | None, epochs: int, lr: float) -> list[dic
              "schedule": {"batch_size": 64, "epochs": epochs, "lr": lr, "warmup_epochs": 1}}, {"data": CROPS}]
 
 
+# `make demo-det`'s epochs on plain digits, then on the coloured crops
+PRETRAIN = {"resnet18": (3, 4), "tv:mobilenet_v3_small": (3, 2)}
+
+
 def backbone(model: str, work: Path, name: str) -> Path:
-    """`make demo-det`'s pretrained backbone: the classifier on plain digits (5 epochs), then on coloured crops (4)."""
+    """`make demo-det`'s pretrained backbone: the classifier on plain digits, then on coloured crops (PRETRAIN's epochs)."""
     if not (work / "plain").exists():
         write_digit_crops(work / "plain", train=3000, val=500, plain=True)
         write_digit_crops(work / "crops", train=6000, val=1000)
-    train(classifier(model, None, 5, 0.1), work / "plain", None, work / f"{name}-plain")
-    train(classifier(model, str(work / f"{name}-plain"), 4, 0.05), work / "crops", None, work / f"{name}-backbone")
+    plain, crops = PRETRAIN[model]
+    train(classifier(model, None, plain, 0.1), work / "plain", None, work / f"{name}-plain")
+    train(classifier(model, str(work / f"{name}-plain"), crops, 0.05), work / "crops", None, work / f"{name}-backbone")
     return work / f"{name}-backbone"
 
 
@@ -91,7 +96,7 @@ def render(raws: list[Path], out: str | None) -> None:
     lines = [f"## digit scenes ({saved['n_train']} train / {saved['n_val']} val, {args.size} px): {args.student} from {args.teacher}, seeds {seeds}",
              "",
              f"Teacher: `make demo-det`'s (a resnet18 trunk pretrained on plain digits, then coloured digit crops, fine-tuned in "
-             f"the detector for {args.teacher_epochs} epochs at AdamW lr {args.teacher_lr}): val mAP {teacher['map']:.2f}, "
+             f"the detector for {args.teacher_epochs} epochs at AdamW lr {args.teacher_lr}, {getattr(args, 'head_convs', 4)} convs a head tower): val mAP {teacher['map']:.2f}, "
              f"AP50 {teacher['map_50']:.2f}, labels right on {teacher.get('labels_right', float('nan')):.1f}% of the boxes it finds. "
              f"Command: `python benchmarks/det_methods.py {saved.get('command', '')}`. Every student: its mobilenet_v3_small trunk pretrained as the demo's "
              f"(plain digits, then the crops), {args.epochs} epochs, batch 16, AdamW lr {args.lr} (weight decay 1e-4, "
@@ -142,7 +147,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--images", type=int, default=1000)
     ap.add_argument("--size", type=int, default=64)
-    ap.add_argument("--epochs", type=int, default=8)
+    ap.add_argument("--epochs", type=int, default=5)
     ap.add_argument("--teacher-epochs", type=int, default=10)
     ap.add_argument("--lr", type=float, default=0.002, help="the students' peak lr")
     ap.add_argument("--teacher-lr", type=float, default=0.0005, help="the teacher's fine-tuning lr (from its pretrained backbone)")
@@ -150,6 +155,7 @@ def main() -> None:
     ap.add_argument("--teacher-run", help="a finished teacher run folder to reuse (trained on the same scenes)")
     ap.add_argument("--student-init", help="the students' pretrained backbone to reuse (a run folder, as `make demo-det`'s student-backbone)")
     ap.add_argument("--student", default="det:FCOS:mobilenet_v3_small")
+    ap.add_argument("--head-convs", type=int, default=2, help="convs in each FCOS head tower, teacher and students (torchvision's: 4)")
     ap.add_argument("--methods", nargs="+", default=FIRST, help="which of the first-pass methods to run")
     run_options(ap, "benchmarks/results/det_methods.md")
     args = ap.parse_args()

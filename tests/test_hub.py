@@ -17,6 +17,7 @@ import torch
 from conftest import EVAL, FAST, assert_user_error, cli, cli_ok, cli_process, subprocess_env
 from lcdistill import artifacts, hubfolder
 from lcdistill.checkpoint import load_weights
+from lcdistill.errors import UserError
 
 N_IMAGES = 8
 
@@ -243,3 +244,35 @@ def test_push_refuses_a_bad_repo_id_and_a_non_run(timm_hub, tmp_path):
     run, _ = timm_hub
     assert_user_error(cli("push", run, "--repo", "no-owner"), "ORG/NAME")
     assert_user_error(cli("push", tmp_path, "--repo", "someone/x"), str(tmp_path.name))
+
+
+def test_slim_detector_card_builds_it_with_torchvision_alone(tmp_path):
+    """det:FCOS with a narrower FPN and fewer head convs (student.kwargs fpn_channels, head_convs): the card's
+    torchvision code rebuilds it in a fresh process, loads model.safetensors strictly and detects the same."""
+    from lcdistill import models, tasks
+
+    task = tasks.get("detection")
+    classes = ["a", "b", "c"]
+    torch.manual_seed(0)
+    loaded = task.resolve("det:FCOS:mobilenet_v3_small", len(classes), pretrained=False, keep_head=False,
+                          kwargs={"fpn_channels": 64, "head_convs": 1, "min_size": 64, "max_size": 64})
+    model = loaded.model.eval()
+    assert model.backbone.out_channels == 64 and len(model.head.classification_head.conv) == 3  # conv, GroupNorm, ReLU once
+    meta = models.model_meta(loaded, classes, [3, 64, 64], {**task.metadata(classes), "method": "kd", "map": 1.0, "map_50": 2.0})
+    text = hubfolder.card(meta, task, {"dataset": "scenes", "sizes": "8 train / 4 val images, 3 classes"}, None, None, None)
+    out = hubfolder.write(model, meta, tmp_path / "hub", text)
+    x = torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(1))
+    torch.save(x, tmp_path / "x.pt")
+    with torch.no_grad():
+        expected = model([x])[0]["scores"]
+    code = python_block((out / "README.md").read_text(), "With torchvision alone").replace('snapshot_download("ORG/NAME")', repr(str(out)))
+    got = fresh_process("import torch\nx = torch.load('x.pt')\n" + code
+                        + "\nwith torch.no_grad():\n    torch.save(model.eval()([x])[0]['scores'], 'logits.pt')\n", tmp_path)
+    torch.testing.assert_close(got, expected)
+
+
+def test_head_convs_is_an_fcos_setting():
+    from lcdistill import tasks
+
+    with pytest.raises(UserError, match="head_convs"):
+        tasks.get("detection").resolve("det:RetinaNet:resnet18", 3, pretrained=False, keep_head=False, kwargs={"head_convs": 2})
