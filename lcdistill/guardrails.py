@@ -130,6 +130,7 @@ def check(p) -> list[str]:
                       bool(recipe["train"]["ema"]), float(recipe["train"]["ema_decay"]))
     ramps = [(t.section, t.warmup_key, float(recipe[t.section][t.warmup_key] or 0)) for t in methods.terms_of(recipe["method"]) if t.warmup_key]
     lines += term_warmups(int(s["epochs"]), ramps)
+    lines += p.task.checks(p)
     return [line for line in lines if line]
 
 

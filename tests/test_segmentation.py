@@ -388,3 +388,15 @@ def test_digit_scenes_command_refuses_a_used_folder(tmp_path):
     (tmp_path / "used" / "x").write_text("")
     assert_user_error(cli("data", "digit-scenes", tmp_path / "used", "--images", "4"), "already exists")
     assert write_digit_scenes  # the command is this function
+
+
+def test_a_grid_too_coarse_for_the_masks_is_said_before_training(scenes, tmp_path):
+    """DeepLabV3 over MobileNetV3 scores at 1/16 of the input: at 64 px a 4x4 grid, which caps these masks'
+    mIoU far below what the model could learn at 128 px; one warning line says so and names the size."""
+    out = tmp_path / "dl"
+    result = cli_ok("train", "--model", "tv:deeplabv3_mobilenet_v3_large", "--data", scenes, *SEG, "--set", "student.kwargs.aux_loss=false",
+                    "--out", out)
+    line = next(l for l in result.stdout.splitlines() if "scores the classes on" in l)
+    assert line.startswith("warning: tv:deeplabv3_mobilenet_v3_large scores the classes on a 4x4 grid at 64 px"), result.stdout
+    assert "--input-size 128" in line or "--input-size 256" in line
+    assert "scores the classes on" not in cli_ok("train", "--model", "smp:FPN:resnet18", "--data", scenes, *SEG, "--out", tmp_path / "fpn").stdout

@@ -266,6 +266,10 @@ class Task:
     def configure(self, loaded, input_size: int) -> None:
         """Fit a resolved model (models.Loaded) to the input size the run trains at (a detector's own resize)."""
 
+    def checks(self, p) -> list[str]:
+        """Warning lines (guardrails) this task adds for a prepared run (lcdistill.run.Prepared)."""
+        return []
+
     def feature_levels(self, model: nn.Module) -> list[tuple[str, int]]:
         """(module path, channels) of the feature maps a feature-pyramid term (pkd) may tap, shallow to deep."""
         return []

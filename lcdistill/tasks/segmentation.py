@@ -16,6 +16,7 @@ from lcdistill.data.segmentation import SegmentationDataset, detect_layout, scan
 from lcdistill.models import params
 from lcdistill.models.segmentation import SEGMENTATION
 from lcdistill.tasks.base import ExportSpec, LogitView, Metric, Splits, Task, joint_datasets
+from lcdistill.tasks.score_grid import MASKS, coarse_grid, score_grid
 
 IGNORE = 255
 AUX_WEIGHT = 0.5  # torchvision's references/segmentation/train.py: losses["out"] + 0.5 * losses["aux"]
@@ -209,6 +210,18 @@ class Segmentation(Task):
 
     def metric(self, num_classes: int) -> Metric:
         return ConfusionMatrix(num_classes)
+
+    def checks(self, p) -> list[str]:
+        """A student that scores the classes on a grid too coarse for the masks (score_grid)."""
+        n, size = len(p.splits.classes), p.input_size
+        grid = score_grid(self.exportable(p.student.model), size, n)
+        if grid is None or size < 8 * min(grid):  # 1/4 of the input or finer: not the limit (74 mIoU on digit scenes at 64 px)
+            return []
+        val = SegmentationDataset(p.splits.val, size, False)
+        picked = range(0, len(val), max(1, len(val) // MASKS))[:MASKS]
+        masks = torch.stack([val[i][1] for i in picked]) if len(val) else None
+        line = coarse_grid(p.student.origin, grid, size, masks, n) if masks is not None else None
+        return [line] if line else []
 
 
 @torch.no_grad()
