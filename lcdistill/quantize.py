@@ -43,9 +43,13 @@ def quiet_ort_logging():
         root.setLevel(level)
 
 
-def quantize(fp32: Path, out: Path, batches: list[np.ndarray], source: str = "") -> Path:
+def quantize(fp32: Path, out: Path, batches: list[np.ndarray], source: str = "", overrides: dict | None = None, how: dict | None = None) -> Path:
     """Static int8 (QDQ) model of the fp32 ONNX file, calibrated on batches; same metadata plus
-    a 'quantization' entry saying how it was made."""
+    a 'quantization' entry saying how it was made (how: entries added to it).
+
+    overrides: {tensor name: [{"scale", "zero_point"}]}, activation scales a quantization-aware run learnt
+    (lcdistill.qat.onnx_scales): onnxruntime takes them instead of its calibrated ones; the batches still
+    name the tensors it quantizes, and any tensor without an override keeps its calibrated scale."""
     import onnx
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -82,11 +86,14 @@ def quantize(fp32: Path, out: Path, batches: list[np.ndarray], source: str = "")
             # 7-bit weights: x86 CPUs without VNNI sum u8 x s8 pairs in int16 and saturate (the demo
             # student fell from 98.3% to 89.1% top-1 on such a CPU; with reduce_range 98.1%)
             reduce_range=True,
+            # learnt scales as they are: onnxruntime would otherwise widen a weight's scale where the int32
+            # bias needs it, and the trained weights would no longer lie on their grid
+            extra_options={"TensorQuantOverrides": overrides, "QDQDisableWeightAdjustForInt32Bias": True} if overrides else None,
         )
         proto = onnx.load(str(raw))
     how = {"method": "static", "format": "QDQ", "weights": "int8 per-channel (7-bit range)", "activations": "uint8 per-tensor",
            "float_nodes": "first conv, last matmul",
-           "calibration": "minmax", "calibration_images": int(sum(len(b) for b in batches)), "calibration_data": source}
+           "calibration": "minmax", "calibration_images": int(sum(len(b) for b in batches)), "calibration_data": source, **(how or {})}
     export.set_metadata(proto, {**props, "onnx_opset": str(export.onnx_opset(proto)), "quantization": json.dumps(how)})
     onnx.checker.check_model(proto)
     atomic_write(out, lambda tmp: onnx.save_model(proto, tmp))

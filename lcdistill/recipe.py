@@ -65,6 +65,13 @@ CORE: dict[str, Any] = {
         "skip_bad_images": False,
         "gpu_decode": "auto",  # decode + crop/flip JPEGs on the GPU: auto (CUDA and all files JPEG) | true | false
     },
+    "qat": {  # quantization-aware training (--quantize int8 on compress and train): lcdistill/qat/
+        "mode": "none",  # none | int8: train the student as onnxruntime's int8 export will run it
+        "calibration_steps": 20,  # first steps: activation ranges watched, not yet quantized
+        "freeze_observers_at": 0.5,  # share of the run after which the activation ranges stay fixed
+        "freeze_bn_at": 0.75,  # share of the run after which BatchNorm statistics stay fixed
+        "observer_momentum": 0.1,  # moving average of each activation's min / max
+    },
     "train": {
         "device": "auto",  # auto | cpu | cuda
         "seed": 0,
@@ -210,6 +217,8 @@ def resolve_student(spec: str | None, recipe_file: str | None) -> dict:
         return data
     if spec is None:
         raise UserError("no student given", "pass --student NAME (a recipe from `lcdistill recipes` or a model name)")
+    if Path(spec).is_dir():  # a run folder: its student, trained further (a quantization-aware fine-tune)
+        return {"student": {"source": "auto", "name": spec}}
     if spec.endswith((".yaml", ".yml")) or os.sep in spec:
         if not Path(spec).is_file():
             raise UserError(f"recipe file {spec} not found", "pass an existing .yaml file or a shipped recipe name (see `lcdistill recipes`)")
@@ -243,6 +252,16 @@ def validate(recipe: dict) -> None:
             raise UserError(f"schedule.{key} must be a positive integer, got {sched[key]!r}", f"pass --set schedule.{key}=N")
     if not isinstance(sched["lr"], (int, float)) or sched["lr"] <= 0:
         raise UserError(f"schedule.lr must be a positive number, got {sched['lr']!r}", "pass --lr X")
+    qat = recipe["qat"]
+    if qat["mode"] not in ("none", "int8"):
+        raise UserError(f"unknown qat.mode {qat['mode']!r} (--quantize)", "choose none or int8")
+    for key in ("freeze_observers_at", "freeze_bn_at", "observer_momentum"):
+        if not isinstance(qat[key], (int, float)) or not 0 <= qat[key] <= 1:
+            raise UserError(f"qat.{key} must be a number from 0 to 1, got {qat[key]!r}", f"pass --set qat.{key}=0.5")
+    if not isinstance(qat["calibration_steps"], int) or qat["calibration_steps"] < 0:
+        raise UserError(f"qat.calibration_steps must be a whole number >= 0, got {qat['calibration_steps']!r}", "pass --set qat.calibration_steps=20")
+    if qat["mode"] != "none" and recipe["train"]["compile"]:
+        raise UserError("quantization-aware training does not run under torch.compile here", "drop --torchcompile with --quantize int8")
     if recipe["data"]["gpu_decode"] not in ("auto", True, False):
         raise UserError(f"unknown data.gpu_decode {recipe['data']['gpu_decode']!r}", "choose auto, true or false")
     if recipe["train"]["amp_dtype"] not in ("auto", "bfloat16", "float16", "float32"):

@@ -89,6 +89,7 @@ TRAINING: dict[str, tuple[str, type, object]] = {
     "max_grad_norm": ("schedule.max_grad_norm", float, typer.Option(None, "--max-grad-norm", help="Clip the gradient norm.")),
     "skip_bad_images": ("data.skip_bad_images", bool, typer.Option(None, "--skip-bad-images/--no-skip-bad-images", help="Skip unreadable images instead of stopping.")),
     "init": ("student.init", str, typer.Option(None, "--init", help="Start the model trained from what fits of a run folder or weights file of another label set or task (a classifier's backbone, a COCO detector); its class layers fresh.")),
+    "quantize": ("qat.mode", str, typer.Option(None, "--quantize", help="none | int8: train the student quantization-aware, as onnxruntime's int8 will run it (qat.* settings); `export --quantize int8` then uses what it learnt.")),
     "task": ("task", str, typer.Option(None, "--task", help="auto | classification | segmentation | detection (auto: from the data layout and the models named).")),
 }
 

@@ -84,28 +84,85 @@ def export(
         typer.echo(f"{fmt}: max |diff| vs PyTorch {diff:.2e} ({task.export.diff_text}) at batch {shape[0]}, {shape[2]}x{shape[3]} (dynamic height and width)")
     if second and max(second.values()) > tolerance:
         fail(f"export differs from PyTorch by {max(second.values()):.2e} > tolerance {tolerance:g} at input {shape[2]}x{shape[3]}", 1)
-    if quantize == "int8":
+    if quantize == "int8" and meta.get("qat"):
+        _export_qat_int8(loaded, task, meta, files["onnx"], data_dir, calibration_images, opset)
+    elif quantize == "int8":
         _export_int8(model, task, meta, files["onnx"], data_dir, calibration_images, batch, source)
+
+
+def _agreement(task, run, reference, batches) -> tuple[int, int]:
+    import torch
+
+    agree = total = 0
+    with torch.no_grad():
+        for batch in batches:
+            for x in task.export.calls(batch):
+                a, t = task.export.agreement(run(x), reference(x))
+                agree, total = agree + a, total + t
+    return agree, total
 
 
 def _export_int8(model, task, meta: dict, fp32: Path, data_dir: str, images: int, batch, source: str) -> None:
     """student.int8.onnx beside the fp32 file; int8 is judged by agreement, not by a tolerance."""
-    import torch
-
     from lcdistill import export as exporter, quantize as quant
 
     batches = quant.calibration_batches(task, data_dir, meta, images)
     int8 = quant.quantize(fp32, quant.int8_path(fp32), batches, str(Path(data_dir).resolve()))
-    run = exporter.runner("onnx", int8)
-    agree = total = 0
-    with torch.no_grad():
-        for x in task.export.calls(batch):
-            a, t = task.export.agreement(run(x), model.eval()(x))
-            agree, total = agree + a, total + t
+    agree, total = _agreement(task, exporter.runner("onnx", int8), model.eval(), [batch])
     where = "" if task.export.unit == "images" else f" {task.export.unit}"
     mb = lambda p: p.stat().st_size / 1e6  # noqa: E731
     typer.echo(f"int8: {int8}  {mb(int8):.2f} MB (fp32 {mb(fp32):.2f} MB), calibrated on {sum(len(b) for b in batches)} train images;"
                f" {task.export.agreement_text} {agree}/{total}{where} of {source}; measure accuracy with `lcdistill eval`")
+
+
+def _export_qat_int8(loaded, task, meta: dict, fp32: Path, data_dir: str, images: int, opset: int) -> None:
+    """The int8 ONNX of a quantization-aware run, from what it learnt: its weights lie on their int8 grid
+    already, and its activation scales go to onnxruntime as overrides (lcdistill.qat.onnx_scales); judged by
+    agreement with the fake-quantized PyTorch model on the whole val split, and by the kernels onnxruntime runs."""
+    import copy
+    import dataclasses
+    import tempfile
+
+    import onnx
+    import torch
+
+    from lcdistill import export as exporter, quantize as quant
+    from lcdistill.data import eval_loader
+    from lcdistill.qat import onnx_scales
+    from lcdistill.qat.prepare import attach
+
+    qat = meta["qat"]
+    reference = task.exportable(attach(copy.deepcopy(loaded.model), qat["activations"])).eval()
+    batches = quant.calibration_batches(task, data_dir, meta, images)
+    with tempfile.TemporaryDirectory(prefix="lcdistill-qat-") as tmp:
+        # torch.export cannot take fake quantization with a dynamic batch (its cachemask variant has no symbolic
+        # shapes), so this file comes from torch.onnx's TorchScript-based exporter, which writes each quantizer
+        # as a QuantizeLinear/DequantizeLinear pair; the int8 file is made from this graph itself, so every
+        # harvested tensor name is one its quantizer sees
+        with torch.no_grad():
+            marked = exporter.to_onnx(reference, meta, Path(tmp) / "marked.onnx", dataclasses.replace(task.export, legacy_onnx=True), opset)
+        proto = onnx.load(str(marked))
+        scales = onnx_scales.harvest(proto)
+        plain = Path(tmp) / "plain.onnx"
+        onnx.save_model(proto, str(plain))
+        int8 = quant.quantize(plain, quant.int8_path(fp32), batches, str(Path(data_dir).resolve()), overrides=onnx_scales.overrides(scales),
+                              how={"method": "quantization-aware", "activation_scales": f"{len(scales)} learnt in training, the rest calibrated"})
+    graph = onnx.load(str(int8), load_external_data=False).graph
+    quantized = {n.input[0] for n in graph.node if n.op_type == "QuantizeLinear" and not n.input[0].endswith(("weight", "bias"))}
+    learnt = len(quantized & set(scales))
+    val = task.scan(data_dir, check=False).val
+    batches_val = [task.inputs(task.batch(b), meta["mean"], meta["std"]) for b in eval_loader(task.eval_dataset(val, meta), 64, 0)]
+    agree, total = _agreement(task, exporter.runner("onnx", int8), reference, batches_val)
+    ops = onnx_scales.executed_ops(int8, task.export.calls(batches_val[0][:1])[0].numpy())
+    integer = {k: v for k, v in ops.items() if k.startswith("QLinear") or "Integer" in k}
+    floating = {k: v for k, v in ops.items() if k in ("Conv", "Gemm", "MatMul")}
+    where = "" if task.export.unit == "images" else f" {task.export.unit}"
+    mb = lambda p: p.stat().st_size / 1e6  # noqa: E731
+    typer.echo(f"int8: {int8}  {mb(int8):.2f} MB (fp32 {mb(fp32):.2f} MB), quantization-aware: weights as trained, {learnt} of the "
+               f"{len(quantized)} activation scales learnt in training, the rest calibrated on {sum(len(b) for b in batches)} train images;"
+               f" {task.export.agreement_text} {agree}/{total}{where} of the {len(val.samples)} val images against the fake-quantized PyTorch model")
+    typer.echo("int8: onnxruntime ran " + ", ".join(f"{k} x{v}" for k, v in sorted(integer.items()))
+               + (" and in float " + ", ".join(f"{k} x{v}" for k, v in sorted(floating.items())) if floating else ""))
 
 
 def _run_data(folder: Path) -> str | None:

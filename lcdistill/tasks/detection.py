@@ -212,6 +212,7 @@ class Detection(Task):
                              agreement_text="PyTorch's detections found by int8 (same label, IoU >= 0.5):")
     class_dim = -1
     offers = frozenset({"scores", "pyramid"})  # dense heads' sigmoid scores (kd), FPN levels (pkd), backbone stages (london)
+    quantization_aware = False  # a detector's export (TorchScript-based, NMS inside) is not planned for fake quantization yet
     hub_pipeline = "object-detection"
     model_hint = DETECTORS.hint
     recipe_defaults = {

@@ -1,0 +1,147 @@
+"""The int8 arithmetic onnxruntime's static quantization uses (lcdistill.quantize's settings), simulated in
+float so the student trains through it.
+
+- Weights: per output channel, symmetric, in the 7-bit range of reduce_range: q in [-64, 64], scale =
+  max|w| / 64, zero point 0 (onnxruntime.quantization.quant_utils: get_qmin_qmax_for_qType(INT8,
+  reduce_range=True) and compute_scale_zp). onnxruntime folds BatchNorm into the convolution first, so
+  the weight quantized is w * gamma / sqrt(var + eps): FoldedWeight simulates exactly that.
+- Activations: per tensor, uint8 [0, 255], asymmetric, from a range that always holds 0: scale =
+  (max - min) / 255, zero point round(-min / scale) (compute_scale_zp with qmin 0, qmax 255).
+Rounding is half to even in both (torch.fake_quantize_* and ONNX QuantizeLinear).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+WEIGHT_QMIN, WEIGHT_QMAX = (-64, 64)  # int8 in the 7-bit range of reduce_range
+ACT_QMIN, ACT_QMAX = (0, 255)  # uint8
+
+
+def weight_scales(w: torch.Tensor) -> torch.Tensor:
+    """Per output channel: max |w| / 64 (1.0 for an all-zero channel, as onnxruntime does)."""
+    amax = w.detach().abs().flatten(1).amax(1)
+    return torch.where(amax > 0, amax / WEIGHT_QMAX, torch.ones_like(amax)).float()
+
+
+def fake_quant_weight(w: torch.Tensor) -> torch.Tensor:
+    """w on the per-channel 7-bit grid (straight-through gradient: nothing is clipped, the scale holds max |w|)."""
+    scales = weight_scales(w)
+    zeros = torch.zeros(w.shape[0], dtype=torch.int32, device=w.device)
+    return torch.fake_quantize_per_channel_affine(w.float(), scales, zeros, 0, WEIGHT_QMIN, WEIGHT_QMAX).to(w.dtype)
+
+
+def act_qparams(lo: float, hi: float) -> tuple[float, int]:
+    """(scale, zero point) of a uint8 tensor seen in [lo, hi], by onnxruntime's formula."""
+    lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
+    scale = (hi - lo) / (ACT_QMAX - ACT_QMIN)
+    if scale == 0:
+        return 1.0, 0
+    return scale, int(min(max(round(ACT_QMIN - lo / scale), ACT_QMIN), ACT_QMAX))
+
+
+class FoldedWeight(nn.Module):
+    """A parametrization of a conv's weight: the weight its int8 model holds once the BatchNorm after it is
+    folded in, w_q = fq(w * s) / s with s = gamma / sqrt(running_var + eps) per channel. Dividing by s keeps
+    the BatchNorm module as it is: in eval, BN(conv(x, w_q)) is exactly the folded int8 convolution; in
+    training BN still normalises with batch statistics (Jacob et al. 2018, as torch's fused QAT convs
+    approximate it). The BatchNorm is held outside the module tree (not a submodule), so state_dict and
+    module paths are unchanged; deepcopy (EMA) still carries it to the copy's own BatchNorm."""
+
+    def __init__(self, bn: nn.BatchNorm2d | None = None):
+        super().__init__()
+        object.__setattr__(self, "bn", bn)
+
+    def fold(self, w: torch.Tensor) -> torch.Tensor | None:
+        bn = self.bn
+        if bn is None or bn.running_var is None:
+            return None
+        gamma = bn.weight.detach() if bn.weight is not None else torch.ones_like(bn.running_var)
+        s = gamma / torch.sqrt(bn.running_var + bn.eps)
+        s = torch.where(s.abs() < 1e-12, torch.full_like(s, 1e-12), s)  # a dead channel: keep the division finite
+        return s.reshape(-1, *([1] * (w.dim() - 1))).to(w.dtype)
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        s = self.fold(w)
+        if s is None:
+            return fake_quant_weight(w)
+        return fake_quant_weight(w * s) / s
+
+
+class ActQuant(nn.Module):
+    """uint8 fake quantization of one module's input, its range an exponential moving average of the batch
+    minimum and maximum. `state` says what it does: 0 watches only (the first steps: the range has no
+    history yet), 1 watches and quantizes, 2 quantizes with the range frozen. In eval it quantizes with the
+    range it has (once it has one)."""
+
+    def __init__(self, momentum: float):
+        super().__init__()
+        self.momentum = momentum
+        self.register_buffer("lo", torch.zeros(()))
+        self.register_buffer("hi", torch.zeros(()))
+        self.register_buffer("seen", torch.zeros((), dtype=torch.long))
+        self.register_buffer("state", torch.zeros((), dtype=torch.long))
+
+    def qparams(self) -> tuple[float, int]:
+        return act_qparams(self.lo.item(), self.hi.item())
+
+    @torch.no_grad()
+    def observe(self, x: torch.Tensor) -> None:
+        lo, hi = x.detach().min().float(), x.detach().max().float()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():  # every process the same range
+            torch.distributed.all_reduce(lo, torch.distributed.ReduceOp.MIN)
+            torch.distributed.all_reduce(hi, torch.distributed.ReduceOp.MAX)
+        if self.seen == 0:
+            self.lo.copy_(lo), self.hi.copy_(hi)
+        else:
+            self.lo.lerp_(lo, self.momentum), self.hi.lerp_(hi, self.momentum)
+        self.seen += 1
+
+    def ready(self) -> bool:
+        """Whether a range was seen (remembered on the Python side: no device sync per step once true)."""
+        if not getattr(self, "_ready", False):
+            self._ready = bool(self.seen > 0)
+        return self._ready
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        state = getattr(self, "_state", None)
+        state = int(self.state) if state is None else state  # QatState sets _state each step; the buffer is for resume
+        if self.training and state < 2:
+            self.observe(x)
+            self._ready = True
+        if not self.ready() or (self.training and state == 0):
+            return x
+        lo, hi = torch.clamp(self.lo, max=0.0), torch.clamp(self.hi, min=0.0)
+        scale = torch.clamp((hi - lo) / (ACT_QMAX - ACT_QMIN), min=1e-12)
+        zero = torch.clamp(torch.round(ACT_QMIN - lo / scale), ACT_QMIN, ACT_QMAX).to(torch.int32)
+        if x.dtype == torch.float32:
+            return torch.fake_quantize_per_tensor_affine(x, scale, zero, ACT_QMIN, ACT_QMAX)
+        return torch.fake_quantize_per_tensor_affine(x.float(), scale.float(), zero, ACT_QMIN, ACT_QMAX).to(x.dtype)
+
+    def pre_hook(self, module: nn.Module, args: tuple):
+        """A forward pre-hook: the module's first input quantized."""
+        return (self(args[0]), *args[1:])
+
+    def post_hook(self, module: nn.Module, args: tuple, output: torch.Tensor):
+        """A forward hook: the module's output quantized."""
+        return self(output)
+
+
+class FixedQuant(nn.Module):
+    """uint8 fake quantization with a fixed (scale, zero point): a baked run's activations, for export and eval."""
+
+    def __init__(self, scale: float, zero_point: int):
+        super().__init__()
+        self.scale, self.zero_point = float(scale), int(zero_point)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32:  # no casts around it: the exported pair then sits on the very tensor onnxruntime quantizes
+            return torch.fake_quantize_per_tensor_affine(x, self.scale, self.zero_point, ACT_QMIN, ACT_QMAX)
+        return torch.fake_quantize_per_tensor_affine(x.float(), self.scale, self.zero_point, ACT_QMIN, ACT_QMAX).to(x.dtype)
+
+    def pre_hook(self, module: nn.Module, args: tuple):
+        return (self(args[0]), *args[1:])
+
+    def post_hook(self, module: nn.Module, args: tuple, output: torch.Tensor):
+        return self(output)

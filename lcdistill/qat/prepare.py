@@ -1,0 +1,195 @@
+"""Quantization-aware training put on a student and taken off again.
+
+prepare(model, example, settings): one probe forward finds the layers onnxruntime's int8 export
+quantizes (every Conv2d and Linear but the float ones lcdistill.quantize keeps: the first convolution and
+the last linear layer, in the order they run) and the BatchNorm that follows each convolution. Each
+quantized layer's weight gets a FoldedWeight parametrization and its input an ActQuant (a forward
+pre-hook), both living under `model.lcdistill_qat`, so module paths, the terms' taps, checkpoints, resume
+and the EMA copy work as for any student. The schedule (QatState) counts training steps: the first
+`calibration_steps` only watch the activation ranges, the ranges freeze at `freeze_observers_at` of the
+run and the BatchNorm statistics at `freeze_bn_at` (the fine-tuning schedule of the field's QAT recipes).
+
+bake(model): the architecture's own state_dict with every weight on its int8 grid, and the learnt
+activation (scale, zero point) per module path; attach() puts those fixed
+activation quantizers back on a model built from the baked weights (export and eval's reference).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from lcdistill.errors import UserError
+from lcdistill.qat.fakequant import ActQuant, FixedQuant, FoldedWeight
+
+ATTR = "lcdistill_qat"
+OUT = ":out"  # an observer of a module's output (a residual branch's last BatchNorm), not of its input
+
+
+class QatState(nn.Module):
+    """The observers (one per quantized layer, keyed by its path with '.' as '/') and the step count."""
+
+    def __init__(self, paths: list[str], momentum: float, calibration_steps: int, freeze_observers: int, freeze_bn: int):
+        super().__init__()
+        self.observers = nn.ModuleDict({key(p): ActQuant(momentum) for p in paths})
+        self.calibration_steps, self.freeze_observers, self.freeze_bn = calibration_steps, freeze_observers, freeze_bn
+        self.register_buffer("step", torch.zeros((), dtype=torch.long))
+
+    def root_pre_hook(self, model: nn.Module, args: tuple):
+        """Before each training forward of the student: count the step and set what the observers do."""
+        if not model.training:
+            return None
+        step = int(self.step)
+        state = 0 if step < self.calibration_steps else 1 if step < self.freeze_observers else 2
+        for observer in self.observers.values():
+            if getattr(observer, "_state", None) != state:
+                observer.state.fill_(state)
+                observer._state = state
+        if step >= self.freeze_bn:  # BatchNorm statistics frozen: eval mode for BN alone, re-set every step
+            for m in model.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
+        self.step += 1
+        return None
+
+
+# activation modules onnxruntime takes together with the convolution before them: their output is the unit's end
+ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.Hardtanh, nn.SiLU, nn.Hardswish, nn.GELU, nn.Sigmoid, nn.Hardsigmoid, nn.LeakyReLU, nn.Mish)
+PASS_THROUGH = (nn.Identity, nn.Dropout)
+
+
+def plan(model: nn.Module, example: torch.Tensor) -> tuple[list[str], list[str], dict[str, str], list[str]]:
+    """(quantized layer paths, float layer paths, {conv path: the BatchNorm path right after it}, paths of the
+    modules whose output gets an observer of its own) from one eval-mode forward of example.
+
+    The last are the ends of conv units (a BatchNorm, or the activation module right after it) whose output
+    reaches something other than a quantized layer: a functional op such as a residual `+`, or a pooling
+    module. onnxruntime quantizes those tensors too (the inputs of its Add and GlobalAveragePool)."""
+    order: list[str] = []
+    made: dict[int, str] = {}  # id of a conv's output -> its path
+    follows: dict[str, str] = {}
+    ends: dict[str, int] = {}  # BatchNorm path -> id of its output
+    after: dict[tuple[str, int], int] = {}  # (activation path, id of its input) -> id of its output
+    users: dict[int, list[str]] = {}  # id of a tensor -> the leaf modules (and BatchNorms) that took it
+    names = {m: n for n, m in model.named_modules()}
+    handles, alive = [], []  # outputs kept alive: an id is unique only while its tensor lives
+
+    def took(module, args):
+        if args and isinstance(args[0], torch.Tensor):
+            users.setdefault(id(args[0]), []).append(names[module])
+
+    def seen(module, args, output):
+        alive.append(output)
+        name = names[module]
+        if isinstance(module, (nn.Conv2d, nn.Linear)):
+            order.append(name)
+            if isinstance(module, nn.Conv2d):
+                made[id(output)] = name
+            return
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            if args and id(args[0]) in made:
+                follows[made[id(args[0])]] = name
+            ends[name] = id(output)
+        elif args:  # an activation, keyed by what it took too: torchvision's blocks call one ReLU twice
+            after[(name, id(args[0]))] = id(output)
+
+    for m in model.modules():
+        norm = isinstance(m, nn.modules.batchnorm._BatchNorm)
+        if m is not model and not isinstance(m, PASS_THROUGH) and (norm or not any(True for _ in m.children())):
+            handles.append(m.register_forward_pre_hook(took))
+        if norm or isinstance(m, (nn.Conv2d, nn.Linear, *ACTIVATIONS)):
+            handles.append(m.register_forward_hook(seen))
+    was = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(example)
+    finally:
+        model.train(was)
+        for h in handles:
+            h.remove()
+    runs = list(dict.fromkeys(order))  # a layer called twice is one layer
+    convs = [n for n in runs if isinstance(model.get_submodule(n), nn.Conv2d)]
+    linears = [n for n in runs if isinstance(model.get_submodule(n), nn.Linear)]
+    keep_float = convs[:1] + linears[-1:]
+    quantized = [n for n in runs if n not in keep_float]
+    pairs = {c: b for c, b in follows.items() if isinstance(model.get_submodule(b), nn.BatchNorm2d)}
+
+    def takers(tensor: int, producer: str) -> list[str]:
+        return [u for u in users.get(tensor, []) if not u.startswith(producer + ".")]  # not its own children
+
+    loose = []
+    for bn in dict.fromkeys(pairs.values()):
+        end, tensor = bn, ends.get(bn, -1)
+        taken = takers(tensor, bn)
+        acts = [t for t in taken if (t, tensor) in after]
+        if len(acts) == 1:  # BN -> activation: the unit ends at the activation's output (in place: the same tensor)
+            end, out = acts[0], after[(acts[0], tensor)]
+            taken = [t for t in taken if t != end] if out == tensor else takers(out, end)
+        if not taken or not all(t in quantized for t in taken):
+            loose.append(end)
+    return quantized, keep_float, pairs, list(dict.fromkeys(loose))
+
+
+def prepare(model: nn.Module, example: torch.Tensor, settings: dict, total_steps: int) -> dict:
+    """Put quantization-aware training on model (in place); returns what it did, for the run's header."""
+    if hasattr(model, ATTR):
+        raise UserError("the student is already prepared for quantization-aware training", "start from the run's student, not a checkpoint in training")
+    quantized, keep_float, pairs, loose = plan(model, example)
+    if not quantized:
+        raise UserError("the student has no Conv2d or Linear layer for int8 to quantize", "pick a convolutional student")
+    # the input of every quantized layer, and of the float classifier (onnxruntime quantizes the pooling before it)
+    inputs = quantized + [p for p in keep_float if isinstance(model.get_submodule(p), nn.Linear)]
+    state = QatState(inputs + [f"{p}{OUT}" for p in loose], float(settings["observer_momentum"]), int(settings["calibration_steps"]),
+                     int(float(settings["freeze_observers_at"]) * total_steps), int(float(settings["freeze_bn_at"]) * total_steps))
+    model.add_module(ATTR, state)
+    for path in quantized:
+        layer = model.get_submodule(path)
+        bn = model.get_submodule(pairs[path]) if path in pairs else None
+        parametrize.register_parametrization(layer, "weight", FoldedWeight(bn))
+    for path in inputs:
+        model.get_submodule(path).register_forward_pre_hook(state.observers[key(path)].pre_hook)
+    for path in loose:
+        model.get_submodule(path).register_forward_hook(state.observers[key(f"{path}{OUT}")].post_hook)
+    model.register_forward_pre_hook(state.root_pre_hook)
+    return {"quantized": len(quantized), "folded": sum(p in pairs for p in quantized), "float": keep_float, "outputs": len(loose)}
+
+
+def key(path: str) -> str:
+    """An observer's name in the ModuleDict ('.' is not allowed there)."""
+    return path.replace(".", "/")
+
+
+def bake(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
+    """(the plain architecture's state_dict with each quantized weight on its int8 grid, {layer path: {scale,
+    zero_point}} of the learnt activation ranges). Read off the prepared model, which stays as it is (a deepcopy
+    would share torch's parametrized classes, and removing the parametrizations from it breaks the original)."""
+    state: QatState = getattr(model, ATTR)
+    acts = {name.replace("/", "."): dict(zip(("scale", "zero_point"), obs.qparams())) for name, obs in state.observers.items() if int(obs.seen) > 0}
+    suffix = ".parametrizations.weight.original"
+    plain: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        for name, tensor in model.state_dict().items():
+            if name.startswith(ATTR + "."):
+                continue
+            if name.endswith(suffix):
+                path = name[: -len(suffix)]
+                plain[f"{path}.weight"] = model.get_submodule(path).weight.detach().clone()  # the parametrization's output
+            elif ".parametrizations." not in name:
+                plain[name] = tensor
+    return plain, acts
+
+
+def attach(model: nn.Module, activations: dict[str, dict]) -> nn.Module:
+    """Fixed activation quantizers (bake's second result) on a model built from baked weights, in place."""
+    for path, q in activations.items():
+        quant = FixedQuant(q["scale"], q["zero_point"])
+        output = path.endswith(OUT)
+        layer = model.get_submodule(path[: -len(OUT)] if output else path)
+        layer.add_module("lcdistill_out_quant" if output else "lcdistill_act_quant", quant)  # held by the layer: the hook's owner lives as long
+        if output:
+            layer.register_forward_hook(quant.post_hook)
+        else:
+            layer.register_forward_pre_hook(quant.pre_hook)
+    return model

@@ -1,0 +1,215 @@
+"""Quantization-aware training (--quantize int8 on train / compress) and its int8 export: the arithmetic
+against onnxruntime's own, the BatchNorm folding, the schedule, what a run ships, and the int8 file that
+onnxruntime runs with int8 kernels and that agrees with the fake-quantized model."""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+
+import numpy as np
+import pytest
+import timm
+import torch
+from torch import nn
+
+from conftest import assert_user_error, cli, cli_ok
+from lcdistill.qat.fakequant import FoldedWeight, act_qparams, fake_quant_weight, weight_scales
+from lcdistill.qat.prepare import ATTR, attach, bake, plan, prepare
+
+SETTINGS = {"calibration_steps": 2, "freeze_observers_at": 0.5, "freeze_bn_at": 0.75, "observer_momentum": 0.1}
+# a short base run (all 1,438 training digits, 3 epochs: 87% top-1, as test_quantize's) and a 1-epoch
+# quantization-aware fine-tune of it
+BASE = ["--model", "mobilenetv2_050", "--epochs", "3", "--lr", "0.05", "--input-size", "32", "--batch-size", "32", "--workers", "0",
+        "--device", "cpu", "--set", "data.hflip=0", "--set", "data.scale=[0.6,1.0]", "--set", "data.crop_pct=1.0", "--set", "schedule.warmup_epochs=0"]
+
+
+# ---- the arithmetic, against onnxruntime's ------------------------------------------------------------
+def test_activation_qparams_are_onnxruntimes():
+    from onnxruntime.quantization.quant_utils import compute_scale_zp
+
+    rng = np.random.default_rng(0)
+    for lo, hi in [(-1.5, 3.0), (0.0, 6.0), (-4.0, -1.0), (0.2, 0.9), *rng.normal(0, 3, (20, 2)).tolist()]:
+        lo, hi = min(lo, hi), max(lo, hi)
+        zp, scale = compute_scale_zp(np.array(lo, np.float32), np.array(hi, np.float32), np.array(0, np.uint8), np.array(255, np.uint8))
+        got_scale, got_zp = act_qparams(lo, hi)
+        assert abs(got_scale - float(scale)) <= 1e-6 * max(1.0, float(scale)) and got_zp == int(zp), (lo, hi)
+
+
+def test_weight_grid_is_onnxruntimes_reduce_range_per_channel():
+    from onnxruntime.quantization.quant_utils import compute_scale_zp, get_qmin_qmax_for_qType
+    from onnx import TensorProto
+
+    qmin, qmax = get_qmin_qmax_for_qType(TensorProto.INT8, reduce_range=True, symmetric=True)
+    w = torch.randn(6, 3, 3, 3, generator=torch.Generator().manual_seed(0))
+    scales = weight_scales(w)
+    for c in range(6):
+        amax = w[c].abs().max().numpy()
+        _, scale = compute_scale_zp(-amax, amax, qmin, qmax, symmetric=True)
+        assert abs(float(scale) - float(scales[c])) < 1e-7
+    q = fake_quant_weight(w) / scales.view(-1, 1, 1, 1)
+    assert torch.allclose(q, q.round(), atol=1e-4) and q.abs().max() <= 64 and (q.abs().flatten(1).amax(1) == 64).all()
+
+
+def test_folded_weight_is_the_int8_folded_convolution():
+    """In eval, BN(conv(x, fq(w s) / s)) equals the convolution onnxruntime runs once BN is folded in:
+    weights fq(w s), bias beta - mean s."""
+    torch.manual_seed(0)
+    conv, bn = nn.Conv2d(3, 5, 3, bias=False), nn.BatchNorm2d(5)
+    with torch.no_grad():
+        bn.running_mean.uniform_(-1, 1), bn.running_var.uniform_(0.5, 2), bn.weight.uniform_(0.5, 2), bn.bias.uniform_(-1, 1)
+    bn.eval()
+    x = torch.randn(2, 3, 8, 8)
+    s = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    folded = fake_quant_weight(conv.weight.detach() * s.view(-1, 1, 1, 1))
+    expected = nn.functional.conv2d(x, folded, bn.bias - bn.running_mean * s)
+    from torch.nn.utils import parametrize
+
+    parametrize.register_parametrization(conv, "weight", FoldedWeight(bn))
+    with torch.no_grad():
+        torch.testing.assert_close(bn(conv(x)), expected.detach(), rtol=1e-5, atol=1e-5)
+
+
+# ---- on a timm student ------------------------------------------------------------------------------
+def student() -> nn.Module:
+    torch.manual_seed(0)
+    return timm.create_model("mobilenetv2_050", num_classes=10)
+
+
+def test_plan_keeps_the_stem_and_classifier_float_and_pairs_every_conv_with_its_batchnorm():
+    model = student()
+    quantized, keep_float, pairs, loose = plan(model, torch.randn(2, 3, 32, 32))
+    assert keep_float == ["conv_stem", "classifier"]
+    # outputs a functional `+` or the pooling takes: each residual block's last BatchNorm, and the head's
+    assert loose == [f"blocks.{b}.{i}.bn3" for b, n in ((1, 2), (2, 3), (3, 4), (4, 3), (5, 3)) for i in range(1, n)] + ["bn2"]
+    convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    assert sorted(quantized) == sorted(c for c in convs if c != "conv_stem")
+    assert all(pairs[c].startswith(c.rsplit(".", 1)[0]) for c in quantized if "." in c)  # conv_pw -> bn1 in the same block
+    assert pairs["conv_head"] == "bn2" and pairs["conv_stem"] == "bn1"
+    assert len(pairs) == len(convs)
+
+
+def test_schedule_taps_and_gradients():
+    """Observers watch, then quantize, then freeze; BatchNorm freezes; a tap by module path still fires and
+    sees fake-quantized inputs; every trainable weight gets a gradient through the quantizers."""
+    model = student()
+    prepare(model, torch.randn(2, 3, 32, 32), SETTINGS, total_steps=8)
+    state = getattr(model, ATTR)
+    seen = {}
+    model.blocks[2].register_forward_hook(lambda m, i, o: seen.update(out=o))
+    obs = state.observers["blocks/2/0/conv_pw"]
+    x = torch.randn(4, 3, 32, 32)
+    model.train()
+    for step in range(8):
+        model(x).sum().backward() if step == 3 else model(x)
+        expected = 0 if step < 2 else 1 if step < 4 else 2
+        assert int(obs.state) == expected, step
+        if step == 3:
+            assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if "bias" not in n), \
+                [n for n, p in model.named_parameters() if p.grad is None]
+        if step == 4:
+            lo, hi = obs.lo.clone(), obs.hi.clone()
+        if step > 4:
+            assert torch.equal(obs.lo, lo) and torch.equal(obs.hi, hi)  # frozen
+        bn_training = model.blocks[2][0].bn1.training
+        assert bn_training == (step < 6), step
+    assert "out" in seen
+    # the input of a quantized layer is on its uint8 grid
+    got = {}
+    layer = model.blocks[3][0].conv_pw
+    h = layer.register_forward_pre_hook(lambda m, a: got.update(x=a[0]), prepend=False)
+    model.eval()
+    model(x)
+    h.remove()
+    scale, zp = state.observers["blocks/3/0/conv_pw"].qparams()
+    q = got["x"] / scale + zp
+    assert torch.allclose(q, q.round(), atol=1e-3)
+
+
+def test_ema_copy_has_its_own_observers():
+    model = student()
+    prepare(model, torch.randn(2, 3, 32, 32), SETTINGS, total_steps=8)
+    twin = copy.deepcopy(model)
+    layer = twin.get_submodule("blocks.2.0.conv_pw")
+    hook = next(h for h in layer._forward_pre_hooks.values())
+    assert hook.__self__ is getattr(twin, ATTR).observers["blocks/2/0/conv_pw"]
+    assert layer.parametrizations.weight[0].bn is twin.get_submodule("blocks.2.0.bn1")
+
+
+def test_bake_ships_the_plain_architecture_on_the_int8_grid():
+    model = student()
+    prepare(model, torch.randn(2, 3, 32, 32), SETTINGS, total_steps=8)
+    model.train()
+    for _ in range(4):
+        model(torch.randn(4, 3, 32, 32))
+    model.eval()
+    weights, acts = bake(model)
+    plain = student()
+    plain.load_state_dict(weights, strict=True)  # no parametrization or observer keys
+    assert len(acts) == len(getattr(model, ATTR).observers) and all(a["scale"] > 0 for a in acts.values())
+    conv, bn = plain.blocks[2][0].conv_pw, plain.blocks[2][0].bn1
+    s = (bn.weight / torch.sqrt(bn.running_var + bn.eps)).detach().view(-1, 1, 1, 1)
+    w = conv.weight.detach() * s
+    q = w / weight_scales(w).view(-1, 1, 1, 1)
+    assert torch.allclose(q, q.round(), atol=1e-3)
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(attach(plain, acts).eval()(x), model(x), rtol=1e-4, atol=1e-4)  # the fake-quantized model, rebuilt
+
+
+# ---- the CLI, end to end ----------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def qat_run(digits, tmp_path_factory):
+    """(base run, quantization-aware fine-tune of it, its CLI result, the int8 export's result)."""
+    base = tmp_path_factory.mktemp("qat-base") / "run"
+    cli_ok("train", "--data", digits, *BASE, "--out", base)
+    run = tmp_path_factory.mktemp("qat") / "run"
+    result = cli_ok("train", "--model", base, "--data", digits, "--quantize", "int8", "--epochs", "1", "--workers", "0", "--device", "cpu",
+                    "--out", run)
+    exported = cli_ok("export", run, "--format", "onnx", "--quantize", "int8")
+    return base, run, result, exported
+
+
+def test_a_quantization_aware_fine_tune_of_a_run(qat_run):
+    base, run, result, _ = qat_run
+    assert "qat: int8 as onnxruntime runs it:" in result.stdout and "float as the export keeps them: conv_stem, classifier" in result.stdout
+    recipe = (run / "recipe.yaml").read_text()
+    assert "lr: 0.005" in recipe and "warmup_epochs: 0" in recipe  # a tenth of the base run's lr, no warm-up
+    meta = json.loads((run / "student.json").read_text())
+    assert meta["qat"]["scheme"] == "int8" and len(meta["qat"]["activations"]) > 40
+    start = json.loads((base / "student.json").read_text())["top1"]
+    assert meta["top1"] >= start - 2, (start, meta["top1"])  # the fake-quantized student, scored as int8 will run it
+
+
+def test_the_int8_export_uses_what_it_learnt_and_runs_int8_kernels(qat_run, digits):
+    _, run, _, exported = qat_run
+    lines = [line for line in exported.stdout.splitlines() if line.startswith("int8:")]
+    first, ops = lines
+    learnt, total = map(int, re.search(r"(\d+) of the (\d+) activation scales learnt", first).groups())
+    assert learnt >= 0.75 * total, first
+    agree, seen = map(int, re.search(r"agrees with PyTorch on (\d+)/(\d+)", first).groups())
+    assert seen == 359 and agree >= 0.99 * seen, first
+    assert "QLinearConv x" in ops and re.search(r"in float Conv x1, Gemm x1$", ops), ops  # only the stem and classifier in float
+    from lcdistill import export
+
+    how = export.read_onnx_metadata(run / "student.int8.onnx")["quantization"]
+    assert how["method"] == "quantization-aware"
+    assert "learnt in training" in how["activation_scales"]
+
+
+def test_bad_quantize_values_are_one_line(small_data, tmp_path):
+    proc = cli("train", "--model", "mobilenetv2_050", "--data", small_data, "--quantize", "int4", "--out", tmp_path / "r")
+    assert_user_error(proc, "qat.mode", "int8", run_dir=tmp_path / "r")
+    proc = cli("train", "--model", "mobilenetv2_050", "--data", small_data, "--quantize", "int8", "--set", "qat.freeze_bn_at=2",
+               "--out", tmp_path / "r")
+    assert_user_error(proc, "qat.freeze_bn_at", run_dir=tmp_path / "r")
+
+
+def test_a_detector_is_refused_in_one_line(tmp_path):
+    from lcdistill.data.scenes import write_digit_scenes
+
+    write_digit_scenes(tmp_path / "scenes", images=20)
+    proc = cli("train", "--model", "det:FCOS:mobilenet_v3_small", "--data", tmp_path / "scenes", "--quantize", "int8", "--input-size", "64",
+               "--out", tmp_path / "r")
+    assert_user_error(proc, "quantization-aware training does not cover detection", "--quantize int8", run_dir=tmp_path / "r")
