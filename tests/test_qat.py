@@ -213,3 +213,25 @@ def test_a_detector_is_refused_in_one_line(tmp_path):
     proc = cli("train", "--model", "det:FCOS:mobilenet_v3_small", "--data", tmp_path / "scenes", "--quantize", "int8", "--input-size", "64",
                "--out", tmp_path / "r")
     assert_user_error(proc, "quantization-aware training does not cover detection", "--quantize int8", run_dir=tmp_path / "r")
+
+
+def test_a_killed_quantization_aware_run_resumes_to_the_unbroken_one(teacher_run, small_data, tmp_path):
+    """Observer ranges, their state, the step count and the parametrized weights are in the checkpoint: a run
+    killed mid-epoch and resumed ships the same int8-grid weights and activation scales as the unbroken run."""
+    import os
+    import signal
+
+    from test_resume import LAST, LONDON, assert_same_run, resume, start, wait_for
+
+    args = ["--teacher", teacher_run, "--data", small_data, *LONDON, "--quantize", "int8", "--set", "qat.calibration_steps=2"]
+    reference = tmp_path / "reference"
+    cli_ok("compress", *args, "--out", reference)
+    out = tmp_path / "run"
+    proc = start(*args, "--out", out)
+    wait_for((out / LAST).is_file, proc)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / "student.safetensors").exists()
+    resume(out)
+    assert_same_run(out, reference)
+    assert json.loads((out / "student.json").read_text())["qat"] == json.loads((reference / "student.json").read_text())["qat"]
