@@ -153,7 +153,8 @@ def prepare_qat(recipe: dict, task: Task, student: models.Loaded, input_size: in
 
 def qat_line(q: dict) -> str:
     return (f"qat: int8 as onnxruntime runs it: {q['quantized']} layers fake-quantized (weights per channel in 7 bits, {q['folded']} "
-            f"BatchNorms folded in; inputs uint8), float as the export keeps them: {', '.join(q['float']) or 'none'}; activation ranges "
+            f"BatchNorms folded in; their inputs and {q['outputs']} outputs a `+` or pooling reads in uint8), float as the export keeps "
+            f"them: {', '.join(q['float']) or 'none'}; activation ranges "
             f"watched for {q['calibration_steps']} steps, fixed from step {q['observers_frozen_at']}, BatchNorm statistics from step "
             f"{q['bn_frozen_at']} of {q['steps']}")
 

@@ -173,7 +173,9 @@ def qat_run(digits, tmp_path_factory):
 
 def test_a_quantization_aware_fine_tune_of_a_run(qat_run):
     base, run, result, _ = qat_run
-    assert "qat: int8 as onnxruntime runs it:" in result.stdout and "float as the export keeps them: conv_stem, classifier" in result.stdout
+    text = " ".join(result.stdout.split())  # the console wraps long lines
+    assert "qat: int8 as onnxruntime runs it: 51 layers fake-quantized" in text and "float as the export keeps them: conv_stem, classifier" in text
+    assert "and 11 outputs a `+` or pooling reads in uint8" in text
     recipe = (run / "recipe.yaml").read_text()
     assert "lr: 0.005" in recipe and "warmup_epochs: 0" in recipe  # a tenth of the base run's lr, no warm-up
     meta = json.loads((run / "student.json").read_text())
