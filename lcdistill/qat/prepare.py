@@ -28,7 +28,8 @@ OUT = ":out"  # an observer of a module's output (a residual branch's last Batch
 
 
 class QatState(nn.Module):
-    """The observers (one per quantized layer, keyed by its path with '.' as '/') and the step count."""
+    """The observers (one per quantized input, keyed by its layer's path with '.' as '/', and one per output
+    planned, the path + ':out') and the step count."""
 
     def __init__(self, paths: list[str], momentum: float, calibration_steps: int, freeze_observers: int, freeze_bn: int):
         super().__init__()
@@ -134,6 +135,8 @@ def plan(model: nn.Module, example: torch.Tensor) -> tuple[list[str], list[str],
 
 def prepare(model: nn.Module, example: torch.Tensor, settings: dict, total_steps: int) -> dict:
     """Put quantization-aware training on model (in place); returns what it did, for the run's header."""
+    if isinstance(model, nn.Sequential):  # its forward would call every child, the observers' holder too
+        raise UserError("quantization-aware training needs a model class of its own, not a bare nn.Sequential", "wrap the Sequential in a module")
     if hasattr(model, ATTR):
         raise UserError("the student is already prepared for quantization-aware training", "start from the run's student, not a checkpoint in training")
     quantized, keep_float, pairs, loose = plan(model, example)
