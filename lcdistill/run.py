@@ -145,10 +145,7 @@ def prepare_qat(recipe: dict, task: Task, student: models.Loaded, input_size: in
     s = recipe["schedule"]
     steps = guardrails.steps_per_epoch(images, int(s["batch_size"]), world) * int(s["epochs"])
     example = task.export.example({"input_size": [3, input_size, input_size]}, 2)
-    report = prepare(student.model, example, recipe["qat"], steps)
-    q = recipe["qat"]
-    return {**report, "steps": steps, "observers_frozen_at": int(float(q["freeze_observers_at"]) * steps),
-            "bn_frozen_at": int(float(q["freeze_bn_at"]) * steps), "calibration_steps": int(q["calibration_steps"])}
+    return prepare(student.model, example, recipe["qat"], steps)
 
 
 def qat_line(q: dict) -> str:

@@ -69,19 +69,39 @@ class FoldedWeight(nn.Module):
         return fake_quant_weight(w * s) / s
 
 
-class ActQuant(nn.Module):
-    """uint8 fake quantization of one module's input, its range an exponential moving average of the batch
-    minimum and maximum. `state` says what it does: 0 watches only (the first steps: the range has no
-    history yet), 1 watches and quantizes, 2 quantizes with the range frozen. In eval it quantizes with the
-    range it has (once it has one)."""
+def fake_quant_act(x: torch.Tensor, scale, zero) -> torch.Tensor:
+    """x on the uint8 grid of (scale, zero point); no casts around it when x is float32, so an exported
+    QuantizeLinear/DequantizeLinear pair sits on the very tensor onnxruntime quantizes."""
+    if x.dtype == torch.float32:
+        return torch.fake_quantize_per_tensor_affine(x, scale, zero, ACT_QMIN, ACT_QMAX)
+    scale = scale.float() if isinstance(scale, torch.Tensor) else scale
+    return torch.fake_quantize_per_tensor_affine(x.float(), scale, zero, ACT_QMIN, ACT_QMAX).to(x.dtype)
+
+
+class ActHooks(nn.Module):
+    """A quantizer that sits on a module's input (pre_hook) or output (post_hook)."""
+
+    def pre_hook(self, module: nn.Module, args: tuple):
+        """A forward pre-hook: the module's first input quantized."""
+        return (self(args[0]), *args[1:])
+
+    def post_hook(self, module: nn.Module, args: tuple, output: torch.Tensor):
+        """A forward hook: the module's output quantized."""
+        return self(output)
+
+
+class ActQuant(ActHooks):
+    """uint8 fake quantization of one tensor, its range an exponential moving average of the batch minimum
+    and maximum. `state` (set each training step by lcdistill.qat.prepare.QatState, from its step count) says
+    what it does: 0 watches only (the first steps: the range has no history yet), 1 watches and quantizes, 2
+    quantizes with the range frozen. In eval it quantizes with the range it has (once it has one)."""
 
     def __init__(self, momentum: float):
         super().__init__()
-        self.momentum = momentum
+        self.momentum, self.state = momentum, 0
         self.register_buffer("lo", torch.zeros(()))
         self.register_buffer("hi", torch.zeros(()))
         self.register_buffer("seen", torch.zeros((), dtype=torch.long))
-        self.register_buffer("state", torch.zeros((), dtype=torch.long))
 
     def qparams(self) -> tuple[float, int]:
         return act_qparams(self.lo.item(), self.hi.item())
@@ -92,7 +112,7 @@ class ActQuant(nn.Module):
         if torch.distributed.is_available() and torch.distributed.is_initialized():  # every process the same range
             torch.distributed.all_reduce(lo, torch.distributed.ReduceOp.MIN)
             torch.distributed.all_reduce(hi, torch.distributed.ReduceOp.MAX)
-        if self.seen == 0:
+        if not self.ready():
             self.lo.copy_(lo), self.hi.copy_(hi)
         else:
             self.lo.lerp_(lo, self.momentum), self.hi.lerp_(hi, self.momentum)
@@ -105,30 +125,18 @@ class ActQuant(nn.Module):
         return self._ready
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        state = getattr(self, "_state", None)
-        state = int(self.state) if state is None else state  # QatState sets _state each step; the buffer is for resume
-        if self.training and state < 2:
+        if self.training and self.state < 2:
             self.observe(x)
             self._ready = True
-        if not self.ready() or (self.training and state == 0):
+        if not self.ready() or (self.training and self.state == 0):
             return x
         lo, hi = torch.clamp(self.lo, max=0.0), torch.clamp(self.hi, min=0.0)
         scale = torch.clamp((hi - lo) / (ACT_QMAX - ACT_QMIN), min=1e-12)
         zero = torch.clamp(torch.round(ACT_QMIN - lo / scale), ACT_QMIN, ACT_QMAX).to(torch.int32)
-        if x.dtype == torch.float32:
-            return torch.fake_quantize_per_tensor_affine(x, scale, zero, ACT_QMIN, ACT_QMAX)
-        return torch.fake_quantize_per_tensor_affine(x.float(), scale.float(), zero, ACT_QMIN, ACT_QMAX).to(x.dtype)
-
-    def pre_hook(self, module: nn.Module, args: tuple):
-        """A forward pre-hook: the module's first input quantized."""
-        return (self(args[0]), *args[1:])
-
-    def post_hook(self, module: nn.Module, args: tuple, output: torch.Tensor):
-        """A forward hook: the module's output quantized."""
-        return self(output)
+        return fake_quant_act(x, scale, zero)
 
 
-class FixedQuant(nn.Module):
+class FixedQuant(ActHooks):
     """uint8 fake quantization with a fixed (scale, zero point): a baked run's activations, for export and eval."""
 
     def __init__(self, scale: float, zero_point: int):
@@ -136,12 +144,4 @@ class FixedQuant(nn.Module):
         self.scale, self.zero_point = float(scale), int(zero_point)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32:  # no casts around it: the exported pair then sits on the very tensor onnxruntime quantizes
-            return torch.fake_quantize_per_tensor_affine(x, self.scale, self.zero_point, ACT_QMIN, ACT_QMAX)
-        return torch.fake_quantize_per_tensor_affine(x.float(), self.scale, self.zero_point, ACT_QMIN, ACT_QMAX).to(x.dtype)
-
-    def pre_hook(self, module: nn.Module, args: tuple):
-        return (self(args[0]), *args[1:])
-
-    def post_hook(self, module: nn.Module, args: tuple, output: torch.Tensor):
-        return self(output)
+        return fake_quant_act(x, self.scale, self.zero_point)

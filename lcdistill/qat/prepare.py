@@ -44,9 +44,7 @@ class QatState(nn.Module):
         step = int(self.step)
         state = 0 if step < self.calibration_steps else 1 if step < self.freeze_observers else 2
         for observer in self.observers.values():
-            if getattr(observer, "_state", None) != state:
-                observer.state.fill_(state)
-                observer._state = state
+            observer.state = state
         if step >= self.freeze_bn:  # BatchNorm statistics frozen: eval mode for BN alone, re-set every step
             for m in model.modules():
                 if isinstance(m, nn.modules.batchnorm._BatchNorm):
@@ -156,7 +154,9 @@ def prepare(model: nn.Module, example: torch.Tensor, settings: dict, total_steps
     for path in loose:
         model.get_submodule(path).register_forward_hook(state.observers[key(f"{path}{OUT}")].post_hook)
     model.register_forward_pre_hook(state.root_pre_hook)
-    return {"quantized": len(quantized), "folded": sum(p in pairs for p in quantized), "float": keep_float, "outputs": len(loose)}
+    return {"quantized": len(quantized), "folded": sum(p in pairs for p in quantized), "float": keep_float, "outputs": len(loose),
+            "steps": total_steps, "calibration_steps": state.calibration_steps, "observers_frozen_at": state.freeze_observers,
+            "bn_frozen_at": state.freeze_bn}
 
 
 def key(path: str) -> str:
