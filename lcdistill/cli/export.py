@@ -85,7 +85,7 @@ def export(
     if second and max(second.values()) > tolerance:
         fail(f"export differs from PyTorch by {max(second.values()):.2e} > tolerance {tolerance:g} at input {shape[2]}x{shape[3]}", 1)
     if quantize == "int8" and meta.get("qat"):
-        _export_qat_int8(loaded, task, meta, files["onnx"], data_dir, calibration_images, opset)
+        _export_qat_int8(loaded, task, meta, files["onnx"], data_dir, calibration_images, opset, batch)
     elif quantize == "int8":
         _export_int8(model, task, meta, files["onnx"], data_dir, calibration_images, batch, source)
 
@@ -115,7 +115,7 @@ def _export_int8(model, task, meta: dict, fp32: Path, data_dir: str, images: int
                f" {task.export.agreement_text} {agree}/{total}{where} of {source}; measure accuracy with `lcdistill eval`")
 
 
-def _export_qat_int8(loaded, task, meta: dict, fp32: Path, data_dir: str, images: int, opset: int) -> None:
+def _export_qat_int8(loaded, task, meta: dict, fp32: Path, data_dir: str, images: int, opset: int, batch) -> None:
     """The int8 ONNX of a quantization-aware run, from what it learnt: its weights lie on their int8 grid
     already, and its activation scales go to onnxruntime as overrides (lcdistill.qat.onnx_scales); judged by
     agreement with the fake-quantized PyTorch model on the whole val split, and by the kernels onnxruntime runs."""
@@ -148,12 +148,13 @@ def _export_qat_int8(loaded, task, meta: dict, fp32: Path, data_dir: str, images
         int8 = quant.quantize(plain, quant.int8_path(fp32), batches, str(Path(data_dir).resolve()), overrides=onnx_scales.overrides(scales),
                               how={"method": "quantization-aware", "activation_scales": f"{len(scales)} learnt in training, the rest calibrated"})
     graph = onnx.load(str(int8), load_external_data=False).graph
-    quantized = {n.input[0] for n in graph.node if n.op_type == "QuantizeLinear" and not n.input[0].endswith(("weight", "bias"))}
+    weights = {t.name for t in graph.initializer}
+    quantized = {n.input[0] for n in graph.node if n.op_type == "QuantizeLinear" and n.input[0] not in weights}
     learnt = len(quantized & set(scales))
     val = task.scan(data_dir, check=False).val
-    batches_val = [task.inputs(task.batch(b), meta["mean"], meta["std"]) for b in eval_loader(task.eval_dataset(val, meta), 64, 0)]
-    agree, total = _agreement(task, exporter.runner("onnx", int8), reference, batches_val)
-    ops = onnx_scales.executed_ops(int8, task.export.calls(batches_val[0][:1])[0].numpy())
+    val_batches = (task.inputs(task.batch(b), meta["mean"], meta["std"]) for b in eval_loader(task.eval_dataset(val, meta), 64, 0))
+    agree, total = _agreement(task, exporter.runner("onnx", int8), reference, val_batches)
+    ops = onnx_scales.executed_ops(int8, task.export.calls(batch[:1])[0].numpy())
     integer = {k: v for k, v in ops.items() if k.startswith("QLinear") or "Integer" in k}
     floating = {k: v for k, v in ops.items() if k in ("Conv", "Gemm", "MatMul")}
     where = "" if task.export.unit == "images" else f" {task.export.unit}"
