@@ -14,7 +14,7 @@ import timm
 import torch
 from torch import nn
 
-from conftest import assert_user_error, cli, cli_ok
+from conftest import assert_user_error, cli, cli_ok, cli_process
 from lcdistill.qat.fakequant import FoldedWeight, act_qparams, fake_quant_weight, weight_scales
 from lcdistill.qat.prepare import ATTR, attach, bake, plan, prepare
 
@@ -227,7 +227,8 @@ def test_a_killed_quantization_aware_run_resumes_to_the_unbroken_one(teacher_run
 
     args = ["--teacher", teacher_run, "--data", small_data, *LONDON, "--quantize", "int8", "--set", "qat.calibration_steps=2"]
     reference = tmp_path / "reference"
-    cli_ok("compress", *args, "--out", reference)
+    proc = cli_process("compress", *args, "--out", reference)  # in a fresh interpreter, as the resumed run: same threads and flags
+    assert proc.returncode == 0, proc.stderr
     out = tmp_path / "run"
     proc = start(*args, "--out", out)
     wait_for((out / LAST).is_file, proc)
