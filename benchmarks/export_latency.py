@@ -25,7 +25,8 @@ from pathlib import Path
 import onnxruntime
 import torch
 
-from lcdistill import __version__, artifacts, evaluate, export, quantize
+from lcdistill import __version__, artifacts, evaluate, export
+from lcdistill.quantize import ptq as quantize
 from lcdistill.data import eval_loader
 from lcdistill.runfolder import RunFolder
 from publish import publish  # benchmarks/publish.py: scripts run from this folder

@@ -83,10 +83,13 @@ class Artifact:
 
     @property
     def role(self) -> str:
-        """A row name for a measured file: its runtime, and int8 when it was quantized."""
-        if self.kind == "onnx" and self.meta.get("quantization"):
-            return "onnx-int8"
-        return self.runtime
+        """A row name for a measured file: its runtime, and how it was quantized (onnx-int8, onnx-w4a8 for int4
+        weights; "qat" when from a quantization-aware run's learnt scales)."""
+        how = self.meta.get("quantization") if self.kind == "onnx" else None
+        if not how:
+            return self.runtime
+        bits = how.get("weight_bits", 8)
+        return ("onnx-int8" if bits == 8 else f"onnx-w{bits}a8") + (" qat" if how.get("method") == "quantization-aware" else "")
 
     @cached_property
     def loaded(self):
@@ -126,6 +129,18 @@ def exports_beside(target: Artifact, folder: str | Path | None) -> list[Artifact
     """The exported files in folder (default: the target's run folder), as artifacts."""
     where = Path(folder) if folder is not None else (target.path if target.kind == "run" else None)
     return [Artifact(p, kind_of(p)) for p in exported_files(where)] if where is not None else []
+
+
+def base_run(target: Artifact) -> Artifact | None:
+    """The finished run a quantization-aware run fine-tuned (its --student RUN), whose fp32 and post-training
+    int8 files eval measures beside the quantization-aware ones; None for any other target."""
+    if target.kind != "run" or not target.meta.get("qat"):
+        return None
+    from lcdistill import recipe as recipes
+
+    folder = RunFolder(target.path)
+    spec = recipes.read_yaml(folder.recipe).get("student", {}).get("name") if folder.recipe.is_file() else None
+    return Artifact(Path(spec), "run") if spec and RunFolder(spec).finished() else None
 
 
 def check_classes(target: Artifact, classes: list[str]) -> None:

@@ -176,7 +176,7 @@ def read_pt2_metadata(path: Path) -> dict:
 
 def runner(fmt: str, path: Path) -> Callable[[torch.Tensor], torch.Tensor]:
     """A normalised batch -> the exported output, for one written format (onnx, torchscript, pt2, hub)."""
-    if fmt in ("onnx", "onnx-int8"):
+    if fmt.startswith("onnx"):
         session = onnx_session(path)
         return lambda x: (lambda outs: outs[0] if len(outs) == 1 else tuple(outs))(run_onnx_all(session, x))
     if fmt == "pt2":

@@ -121,6 +121,24 @@ def plot_lipschitz(plt, lip: dict, path: Path) -> Path:
     return save_png(fig, path)
 
 
+def plot_side_by_side(plt, rows: list[dict], key: str, header: str, path: Path) -> Path | None:
+    """The metric of each measured model and file as bars (teacher, student, fp32 / int8 / quantization-aware
+    files), its value on each bar; None with fewer than two."""
+    rows = [r for r in rows if isinstance(r.get(key), (int, float))]
+    if len(rows) < 2:
+        return None
+    fig, ax = plt.subplots(figsize=(max(4.5, 1.1 * len(rows)), 3.4))
+    values = [r[key] for r in rows]
+    bars = ax.bar(range(len(rows)), values, color=[f"C{i}" for i in range(len(rows))])
+    ax.bar_label(bars, labels=[f"{v:.2f}" for v in values], fontsize=8)
+    ax.set_xticks(range(len(rows)), [r["role"] for r in rows], rotation=20, ha="right", fontsize=8)
+    low = min(values)
+    ax.set_ylim(max(0.0, low - max(5.0, 0.5 * (max(values) - low) + 2)), max(values) + 2)  # the differences, not the 0-90 part
+    ax.set(ylabel=header, title=f"val {header.removesuffix(' %')} side by side")
+    ax.grid(alpha=0.3, axis="y")
+    return save_png(fig, path)
+
+
 def robustness_rows(evaluation: dict | None) -> dict[str, dict]:
     """role -> the "robustness" entry of `lcdistill eval --robustness --save` (teacher first)."""
     order = sorted(evaluation or {}, key=lambda role: role != "teacher")
@@ -222,6 +240,9 @@ def write(run: Path, evaluation: dict | None = None, lipschitz: dict | None = No
         name = header.removesuffix(" %")
         curves.append((plot_metric(plt, rows, metric.best, header, teacher_value, folder.plots / f"{metric.best}.png"),
                        f"student val {name} per epoch" + (f" (dashed: the teacher's {name})" if teacher_value is not None else "")))
+    table = table_rows(meta, evaluation, run, [k for _, k in metric.columns])
+    side = plot_side_by_side(plt, table, metric.best, header, folder.plots / "side_by_side.png") if evaluation else None
+    side_plots = [(side, f"val {header.removesuffix(' %')} of the teacher, the student and its exported files (fp32, post-training and quantization-aware int8)")] if side else []
     robust = robustness_rows(evaluation)
     robust_plots = [(plot_robustness(plt, robust, header, folder.plots / "robustness.png"), f"val {header.removesuffix(' %')} under input noise and FGSM")] if robust else []
     if lipschitz and lipschitz.get("stages"):
@@ -245,7 +266,8 @@ def write(run: Path, evaluation: dict | None = None, lipschitz: dict | None = No
     out = io.StringIO()
     out.write(f"<!doctype html><html><head><meta charset=utf-8><title>lcdistill report: {html.escape(run.name)}</title><style>{STYLE}</style></head><body>")
     out.write(f"<h1>lcdistill report: {html.escape(str(run))}</h1><ul>{facts_html}</ul>")
-    out.write(f"<h2>Teacher, student and exports</h2><p class=note>{source}</p>{html_table(table_rows(meta, evaluation, run, [k for _, k in metric.columns]), metric.columns)}")
+    out.write(f"<h2>Teacher, student and exports</h2><p class=note>{source}</p>{html_table(table, metric.columns)}"
+              + "".join(embedded(p, alt) for p, alt in side_plots))
     out.write("<h2>Training</h2>" + ("".join(embedded(p, alt) for p, alt in curves) if curves else "<p class=note>No summary.csv.</p>"))
     out.write(f"<h2>Lipschitz constants</h2>{lip_html}")
     if robust:
@@ -253,4 +275,4 @@ def write(run: Path, evaluation: dict | None = None, lipschitz: dict | None = No
                   + f"<p class=note>{html.escape(NOTE)}</p>")
     out.write("</body></html>\n")
     atomic_write_text(folder.report, out.getvalue())
-    return {"html": folder.report, "plots": [p for p, _ in curves + lip_plots + robust_plots]}
+    return {"html": folder.report, "plots": [p for p, _ in curves + side_plots + lip_plots + robust_plots]}

@@ -26,6 +26,7 @@ from lcdistill.distributed import replica_check
 from lcdistill.errors import TrainingStopped, UserError
 from lcdistill.evaluate import flops
 from lcdistill.models.transfer import init_from, init_line
+from lcdistill.quantize import qat
 from lcdistill.runfolder import RunFolder
 from lcdistill.tasks import Splits, Task
 from lcdistill.train import Runtime, Trainer, setup_runtime
@@ -44,7 +45,7 @@ class Prepared:
     runtime: Runtime
     method_note: str = ""  # why this method, when no layer named one (the task's default)
     init: dict | None = None  # what --init loaded (models.transfer.InitReport.as_dict)
-    qat: dict | None = None  # what quantization-aware training put on the student (qat.prepare's report)
+    qat: qat.Hook | None = None  # quantization-aware training's Trainer hooks (--quantize int8)
 
 
 def default_run_dir(recipe: dict) -> Path:
@@ -63,7 +64,7 @@ def prepare(layers: list[dict], data_dir: str, teacher: str | None, teacher_weig
     draft = recipes.build(layers)
     task = tasks.for_data(draft["task"], data_dir, (student_spec(draft["student"]), teacher))
     defaults = {key: dict(value) if isinstance(value, dict) else value for key, value in task.recipe_defaults.items()}
-    for key, value in qat_finetune(draft).items():
+    for key, value in qat.finetune(draft).items():
         defaults[key] = {**defaults.get(key, {}), **value}
     recipe = recipes.build(layers, defaults)
     recipe["task"] = task.name  # the saved recipe names the task --task auto found
@@ -108,52 +109,8 @@ def prepare(layers: list[dict], data_dir: str, teacher: str | None, teacher_weig
         raise UserError(f"run folder {run_dir} already exists and is not empty", f"continue it with --resume {run_dir}, or choose another --out")
     inputs = {"data": str(Path(data_dir).resolve()), "teacher": teacher, "teacher_weights": teacher_weights, "classes": classes,
               "skipped_files": splits.skipped, **({"init": init} if init else {})}
-    qat = prepare_qat(recipe, task, student, int(input_size), len(splits.train.samples), runtime.world)
     return Prepared(recipe, inputs, task, splits, student, loaded_teacher, int(input_size), RunFolder(run_dir), runtime,
-                    method_note(task, layers), init, qat)
-
-
-def qat_finetune(draft: dict) -> dict:
-    """The schedule a quantization-aware run starting from a finished run folder (--student RUN) lays under the
-    user's settings: a short fine-tune (3 epochs, no warm-up) at a tenth of the lr that run trained at, with its
-    optimizer, as the field's QAT recipes do (torchvision's quantization references fine-tune a trained model)."""
-    spec = draft["student"]["name"]
-    if draft["qat"]["mode"] == "none" or not spec or not RunFolder(spec).recipe.is_file():
-        return {}
-    saved = recipes.read_yaml(RunFolder(spec).recipe)
-    trained = saved.get("schedule", {})
-    schedule = {"epochs": 3, "warmup_epochs": 0}
-    if isinstance(trained.get("lr"), (int, float)):
-        schedule["lr"] = 0.1 * trained["lr"]
-    schedule.update({k: trained[k] for k in ("optimizer", "weight_decay", "momentum", "batch_size") if k in trained})
-    # the data as that run saw it (its augmentation: a digits run trained without flips must not meet them now)
-    data = {k: v for k, v in saved.get("data", {}).items() if k in ("input_size", "crop_pct", "scale", "ratio", "hflip", "color_jitter", "auto_augment")}
-    # a trained student needs no ramp-in of the terms: at their full weight from the first step
-    ramps = {t.section: {t.warmup_key: 0} for t in methods.TERMS.values() if t.warmup_key}
-    return {"schedule": schedule, "data": data, **ramps}
-
-
-def prepare_qat(recipe: dict, task: Task, student: models.Loaded, input_size: int, images: int, world: int) -> dict | None:
-    """Fake quantization on the student (lcdistill.qat) when qat.mode is int8; what it did, else None."""
-    if recipe["qat"]["mode"] == "none":
-        return None
-    if not task.quantization_aware:
-        raise UserError(f"quantization-aware training does not cover {task.name} models yet",
-                        "distil in float, then `lcdistill export RUN --quantize int8` (post-training int8)")
-    from lcdistill.qat.prepare import prepare
-
-    s = recipe["schedule"]
-    steps = guardrails.steps_per_epoch(images, int(s["batch_size"]), world) * int(s["epochs"])
-    example = task.export.example({"input_size": [3, input_size, input_size]}, 2)
-    return prepare(student.model, example, recipe["qat"], steps)
-
-
-def qat_line(q: dict) -> str:
-    return (f"qat: int8 as onnxruntime runs it: {q['quantized']} layers fake-quantized (weights per channel in 7 bits, {q['folded']} "
-            f"BatchNorms folded in; their inputs and {q['outputs']} outputs a `+` or pooling reads in uint8), float as the export keeps "
-            f"them: {', '.join(q['float']) or 'none'}; activation ranges "
-            f"watched for {q['calibration_steps']} steps, fixed from step {q['observers_frozen_at']}, BatchNorm statistics from step "
-            f"{q['bn_frozen_at']} of {q['steps']}")
+                    method_note(task, layers), init, qat.hook(recipe, task, int(input_size), len(splits.train.samples), runtime.world))
 
 
 def start_from(student: models.Loaded, s: dict, run_dir: Path | None, resume: bool) -> dict | None:
@@ -215,7 +172,7 @@ def run(p: Prepared, console: Console, resume: bool = False) -> dict:
     rt, folder = p.runtime, p.folder
     distiller = build_distiller(p)
     train_set, val_set = p.task.datasets(p.splits, p.input_size, p.student.data_config, p.recipe, rt.device)
-    trainer = Trainer(distiller, p.recipe, train_set, val_set, folder, rt, console, len(p.splits.classes))
+    trainer = Trainer(distiller, p.recipe, train_set, val_set, folder, rt, console, len(p.splits.classes), hooks=(p.qat,) if p.qat else ())
     created = False
     if rt.world > 1:
         dist.barrier()  # every rank has checked the folder before rank 0 makes it
@@ -236,7 +193,7 @@ def run(p: Prepared, console: Console, resume: bool = False) -> dict:
         if p.init:
             console.print(f"  {escape(init_line(p.init))}")
         if p.qat:
-            console.print(f"  {escape(qat_line(p.qat))}")
+            console.print(f"  {escape(qat.line(p.qat.report))}")
         for line in distiller.describe():
             console.print(f"  {line}")
         guardrails.warn(p, console)  # settings that run but are likely mistakes: one line each, naming the flag
@@ -275,14 +232,10 @@ def shipped(row: dict, metric) -> dict[str, float]:
 
 def finish(p: Prepared, trainer: Trainer, console: Console, teacher_val: dict, replicas: dict | None = None) -> dict:
     """Write the shippable student and print teacher beside student (teacher_val: its metric, from all ranks)."""
-    student, qat = trainer.final_student(), None
+    student, shipped_qat = trainer.final_student(), None
     weights = student.state_dict()
-    if p.qat:  # ship the weights on their int8 grid in the plain architecture, and the activation scales learnt
-        from lcdistill.qat.prepare import bake
-
-        weights, activations = bake(student)
-        qat = {"scheme": "int8", "weights": "per-channel symmetric 7-bit ([-64, 64]), BatchNorm folded, baked into the weights",
-               "activations": activations, "float": p.qat["float"], "settings": p.recipe["qat"]}
+    if p.qat:  # the weights on their int8 grid in the plain architecture, and the activation scales learnt (its finish hook)
+        weights, shipped_qat = p.qat.shipped
     metric = p.task.metric(len(p.splits.classes))
     values = shipped(trainer.rows[-1], metric)
     size = [3, p.input_size, p.input_size]
@@ -296,7 +249,7 @@ def finish(p: Prepared, trainer: Trainer, console: Console, teacher_val: dict, r
         rows.insert(0, ("teacher", p.teacher.origin, t, p.teacher.params, count(p.teacher.model)))
     meta = models.model_meta(p.student, p.splits.classes, size, {
         **p.task.metadata(p.splits.classes), "method": p.recipe["method"], **values, "teacher": teacher_entry, "epochs": trainer.epoch,
-        **({"ddp": replicas} if replicas else {}), **({"init": p.init} if p.init else {}), **({"qat": qat} if qat else {}),
+        **({"ddp": replicas} if replicas else {}), **({"init": p.init} if p.init else {}), **({"qat": shipped_qat} if shipped_qat else {}),
     })
     if replicas and not replicas["ranks_identical"]:
         console.print(f"[bold red]warning[/]: the {replicas['world']} processes ended with different weights (see ddp in {p.folder.meta.name}); rank 0's are saved")

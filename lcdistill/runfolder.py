@@ -7,7 +7,7 @@
     RUN/summary.csv            one row per epoch
     RUN/student.safetensors    the shippable student (+ lcdistill metadata in its header)
     RUN/student.json           how to rebuild and feed it
-    RUN/student.onnx, student.int8.onnx, student.pt, student.pt2    `lcdistill export` (default folder)
+    RUN/student.onnx, student.int8.onnx (.w4a8.onnx), student.pt, student.pt2    `lcdistill export` (default folder)
     RUN/hub/                   `lcdistill export --format hub`: config.json, model.safetensors, README.md (timm's Hub format)
     RUN/eval.json, lipschitz.json, report.html, plots/*.png
 """
@@ -19,7 +19,7 @@ from pathlib import Path
 from lcdistill.errors import UserError
 
 # What `lcdistill export` writes, in the order tables list them.
-EXPORTS = {"onnx": "student.onnx", "int8": "student.int8.onnx", "torchscript": "student.pt", "pt2": "student.pt2"}
+EXPORTS = {"onnx": "student.onnx", "int8": "student.int8.onnx", "w4a8": "student.w4a8.onnx", "torchscript": "student.pt", "pt2": "student.pt2"}
 EXPORT_FILES = tuple(EXPORTS.values())
 HUB_FOLDER = "hub"
 

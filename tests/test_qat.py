@@ -15,10 +15,10 @@ import torch
 from torch import nn
 
 from conftest import assert_user_error, cli, cli_ok, cli_process
-from lcdistill.qat.fakequant import FoldedWeight, act_qparams, fake_quant_weight, weight_scales
-from lcdistill.qat.prepare import ATTR, attach, bake, plan, prepare
+from lcdistill.quantize.fakequant import FoldedWeight, act_qparams, fake_quant_weight, weight_scales
+from lcdistill.quantize.prepare import ATTR, attach, bake, plan, prepare
 
-SETTINGS = {"calibration_steps": 2, "freeze_observers_at": 0.5, "freeze_bn_at": 0.75, "observer_momentum": 0.1}
+SETTINGS = {"weight_bits": 8, "calibration_steps": 2, "freeze_observers_at": 0.5, "freeze_bn_at": 0.75, "observer_momentum": 0.1}
 # a short base run (all 1,438 training digits, 3 epochs: 87% top-1, as test_quantize's) and a 1-epoch
 # quantization-aware fine-tune of it
 BASE = ["--model", "mobilenetv2_050", "--epochs", "3", "--lr", "0.05", "--input-size", "32", "--batch-size", "32", "--workers", "0",
@@ -79,10 +79,15 @@ def student() -> nn.Module:
 
 def test_plan_keeps_the_stem_and_classifier_float_and_pairs_every_conv_with_its_batchnorm():
     model = student()
-    quantized, keep_float, pairs, loose = plan(model, torch.randn(2, 3, 32, 32))
+    quantized, keep_float, pairs, loose, shared = plan(model, torch.randn(2, 3, 32, 32))
     assert keep_float == ["conv_stem", "classifier"]
-    # outputs a functional `+` or the pooling takes: each residual block's last BatchNorm, and the head's
-    assert loose == [f"blocks.{b}.{i}.bn3" for b, n in ((1, 2), (2, 3), (3, 4), (4, 3), (5, 3)) for i in range(1, n)] + ["bn2"]
+    # tensors a functional `+` or the pooling reads are quantized where they are made: each block's last BatchNorm
+    # (a residual's `+` reads it; a stage's first block's output the next block's `+` too), the head's, and the
+    # output of each residual block that the next block adds to its own
+    residual = ["blocks.2.1", "blocks.3.1", "blocks.3.2", "blocks.4.1", "blocks.5.1"]
+    assert loose == [f"blocks.{b}.{i}.bn3" for b, n in ((1, 2), (2, 3), (3, 4), (4, 3), (5, 3)) for i in range(n)] + ["bn2"] + residual
+    # and the next block's first conv reads it as it is: no observer of its own
+    assert sorted(shared) == sorted(f"blocks.{b}.{i}.conv_pw" for b, n in ((1, 2), (2, 3), (3, 4), (4, 3), (5, 3)) for i in range(1, n))
     convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
     assert sorted(quantized) == sorted(c for c in convs if c != "conv_stem")
     assert all(pairs[c].startswith(c.rsplit(".", 1)[0]) for c in quantized if "." in c)  # conv_pw -> bn1 in the same block
@@ -139,7 +144,7 @@ def test_ema_copy_has_its_own_observers():
 
 def test_bake_ships_the_plain_architecture_on_the_int8_grid():
     model = student()
-    prepare(model, torch.randn(2, 3, 32, 32), SETTINGS, total_steps=8)
+    report = prepare(model, torch.randn(2, 3, 32, 32), SETTINGS, total_steps=8)
     model.train()
     for _ in range(4):
         model(torch.randn(4, 3, 32, 32))
@@ -155,7 +160,21 @@ def test_bake_ships_the_plain_architecture_on_the_int8_grid():
     assert torch.allclose(q, q.round(), atol=1e-3)
     x = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
-        torch.testing.assert_close(attach(plain, acts).eval()(x), model(x), rtol=1e-4, atol=1e-4)  # the fake-quantized model, rebuilt
+        rebuilt = attach(copy.deepcopy(plain), acts, report["bias"]).eval()
+        torch.testing.assert_close(rebuilt(x), model(x), rtol=1e-4, atol=1e-4)  # the fake-quantized model, rebuilt
+        # the int32 bias rounding is part of it: without it the outputs move
+        assert not torch.allclose(attach(plain, acts).eval()(x), model(x), rtol=1e-4, atol=1e-4)
+    # each conv's bias as onnxruntime stores it: round(b / (input scale x weight scale)) on that grid
+    conv, bn = rebuilt.blocks[2][0].conv_pw, rebuilt.blocks[2][0].bn1
+    s = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    b = (bn.bias - bn.running_mean * s).detach()
+    grid = conv.lcdistill_act_quant.scale * weight_scales((conv.weight * s.view(-1, 1, 1, 1)).detach())
+    h = torch.rand(2, conv.in_channels, 4, 4)
+    with torch.no_grad():
+        plain_bn = lambda y: nn.functional.batch_norm(y, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)  # noqa: E731
+        y0 = nn.functional.conv2d(conv.lcdistill_act_quant(h), conv.weight)
+        torch.testing.assert_close(plain_bn(conv(h)) - plain_bn(y0), ((torch.round(b / grid) * grid) - b).view(1, -1, 1, 1).expand(2, -1, 4, 4),
+                                   rtol=0, atol=1e-5)
 
 
 # ---- the CLI, end to end ----------------------------------------------------------------------------
@@ -175,7 +194,7 @@ def test_a_quantization_aware_fine_tune_of_a_run(qat_run):
     base, run, result, _ = qat_run
     text = " ".join(result.stdout.split())  # the console wraps long lines
     assert "qat: int8 as onnxruntime runs it: 51 layers fake-quantized" in text and "float as the export keeps them: conv_stem, classifier" in text
-    assert "and 11 outputs a `+` or pooling reads in uint8" in text
+    assert "and 21 outputs a `+` or pooling reads in uint8" in text
     recipe = (run / "recipe.yaml").read_text()
     assert "lr: 0.005" in recipe and "warmup_epochs: 0" in recipe  # a tenth of the base run's lr, no warm-up
     meta = json.loads((run / "student.json").read_text())
@@ -187,17 +206,66 @@ def test_a_quantization_aware_fine_tune_of_a_run(qat_run):
 def test_the_int8_export_uses_what_it_learnt_and_runs_int8_kernels(qat_run, digits):
     _, run, _, exported = qat_run
     lines = [line for line in exported.stdout.splitlines() if line.startswith("int8:")]
-    first, ops = lines
+    first, scored, ops = lines
     learnt, total = map(int, re.search(r"(\d+) of the (\d+) activation scales learnt", first).groups())
     assert learnt >= 0.75 * total, first
     agree, seen = map(int, re.search(r"agrees with PyTorch on (\d+)/(\d+)", first).groups())
     assert seen == 359 and agree >= 0.99 * seen, first
     assert "QLinearConv x" in ops and re.search(r"in float Conv x1, Gemm x1$", ops), ops  # only the stem and classifier in float
+    got, want = map(float, re.search(r"top-1 % on val ([\d.]+), the fake-quantized PyTorch model ([\d.]+)", scored).groups())
+    assert abs(got - want) <= 0.3 + 1e-9, scored
     from lcdistill import export
 
     how = export.read_onnx_metadata(run / "student.int8.onnx")["quantization"]
     assert how["method"] == "quantization-aware"
     assert "learnt in training" in how["activation_scales"]
+
+
+def test_int4_weights_train_and_export_on_their_own_grid(qat_run, digits, tmp_path):
+    """qat.weight_bits=4: the weights trained on a symmetric int4 grid ([-7, 7] per channel), exported as
+    student.w4a8.onnx with those very scales: its dequantized weights are the trained ones (BatchNorm folded),
+    and it agrees with the fake-quantized model; post-training the same width is --weight-bits 4."""
+    w = torch.randn(4, 8, generator=torch.Generator().manual_seed(1))
+    q = fake_quant_weight(w, 4) / weight_scales(w, 4).view(-1, 1)
+    assert torch.allclose(q, q.round(), atol=1e-5) and torch.allclose(q.abs().amax(1), torch.full((4,), 7.0))
+    base, _, _, _ = qat_run
+    run = tmp_path / "w4"
+    cli_ok("train", "--model", base, "--data", digits, "--quantize", "int8", "--set", "qat.weight_bits=4", "--epochs", "1", "--workers", "0",
+           "--device", "cpu", "--out", run)
+    exported = cli_ok("export", run, "--format", "onnx", "--quantize", "int8")
+    first, scored, ops = [line for line in exported.stdout.splitlines() if line.startswith("int8:")]
+    assert "student.w4a8.onnx" in first and "DequantizeLinear feed float convolutions" in ops, ops
+    # float convolutions of grid values land on rounding ties, which onnxruntime's pre-packed kernels break the
+    # other way now and then: this 1-epoch student agreed on 354/359 (359/359 with its graph optimizations off)
+    agree, seen = map(int, re.search(r"agrees with PyTorch on (\d+)/(\d+)", first).groups())
+    assert seen == 359 and agree >= 0.97 * seen, first
+    got, want = map(float, re.search(r"top-1 % on val ([\d.]+), the fake-quantized PyTorch model ([\d.]+)", scored).groups())
+    assert abs(got - want) <= 1.5, scored
+    from lcdistill import export
+
+    how = export.read_onnx_metadata(run / "student.w4a8.onnx")["quantization"]
+    assert how["weight_bits"] == 4 and how["method"] == "quantization-aware"
+    import onnx
+    from onnx import numpy_helper
+
+    graph = onnx.load(str(run / "student.w4a8.onnx")).graph
+    values = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    made = {o: n for n in graph.node for o in n.output}
+    model = artifacts_model(run)
+    conv, bn = model.blocks[1][0].conv_dw, model.blocks[1][0].bn2
+    folded = (conv.weight * (bn.weight / torch.sqrt(bn.running_var + bn.eps)).view(-1, 1, 1, 1)).detach().numpy()
+    dq = made[next(n for n in graph.node if n.op_type == "Conv" and n.name.endswith("blocks.1.0/conv_dw/Conv")).input[1]]
+    ints, scales = values[dq.input[0]].astype(np.float32), values[dq.input[1]]
+    assert ints.min() >= -7 and ints.max() <= 7
+    np.testing.assert_allclose(ints * scales.reshape(-1, 1, 1, 1), folded, rtol=0, atol=1e-6)
+    proc = cli("export", run, "--format", "onnx", "--quantize", "int8", "--weight-bits", "8", "--out", tmp_path / "x")
+    assert_user_error(proc, "trained quantization-aware for 4-bit weights", "--weight-bits", run_dir=tmp_path / "x")
+
+
+def artifacts_model(run) -> nn.Module:
+    from lcdistill import artifacts
+
+    return artifacts.identify(str(run)).loaded.model.eval()
 
 
 def test_bad_quantize_values_are_one_line(small_data, tmp_path):
@@ -206,6 +274,8 @@ def test_bad_quantize_values_are_one_line(small_data, tmp_path):
     proc = cli("train", "--model", "mobilenetv2_050", "--data", small_data, "--quantize", "int8", "--set", "qat.freeze_bn_at=2",
                "--out", tmp_path / "r")
     assert_user_error(proc, "qat.freeze_bn_at", run_dir=tmp_path / "r")
+    proc = cli("train", "--model", "mobilenetv2_050", "--data", small_data, "--quantize", "int8", "--set", "qat.weight_bits=6", "--out", tmp_path / "r")
+    assert_user_error(proc, "qat.weight_bits must be 8 or 4", "qat.weight_bits=8", run_dir=tmp_path / "r")
 
 
 def test_a_detector_is_refused_in_one_line(tmp_path):

@@ -65,10 +65,10 @@ def test_report_with_eval_and_lipschitz(run, small_data):
     assert f"report: {run / 'report.html'}" in result.stdout
 
     plots = {p.name: p for p in (run / "plots").iterdir()}
-    assert set(plots) == {"loss.png", "top1.png", "lipschitz.png"}
+    assert set(plots) == {"loss.png", "top1.png", "lipschitz.png", "side_by_side.png"}  # eval.json's rows as bars: teacher, student
     page = parse(run / "report.html")
     embedded = [base64.b64decode(src.split(",", 1)[1]) for src in page.images]
-    assert len(embedded) == 3 and all(src.startswith("data:image/png;base64,") for src in page.images)
+    assert len(embedded) == 4 and all(src.startswith("data:image/png;base64,") for src in page.images)
     assert sorted(embedded) == sorted(p.read_bytes() for p in plots.values())
     assert all(data.startswith(PNG) for data in embedded)
 

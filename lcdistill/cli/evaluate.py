@@ -45,8 +45,10 @@ def eval_(
     extras = [artifacts.identify(f) for f in targets[1:]]
     named = {a.path.resolve() for a in extras}
     extras += [a for a in artifacts.exports_beside(student, exports) if a.path.resolve() not in named]
+    base = artifacts.base_run(student)  # a quantization-aware run: its starting run's fp32 and post-training int8 files beside
+    based = [a for a in artifacts.exports_beside(base, None) if a.path.resolve() not in named] if base else []
     splits = task.scan(data)
-    for t in [student] + extras:
+    for t in [student] + extras + based:
         artifacts.check_classes(t, splits.classes)
     metric = task.metric(len(meta["classes"]))
     loader = eval_loader(task.eval_dataset(splits.val, meta), batch_size, workers)
@@ -66,9 +68,10 @@ def eval_(
         else:
             if t is not None:
                 results["teacher"] = measured(t, loader, t.origin)
-    for extra in extras:  # each file fed by its own metadata, as a deployment would
+    for extra in extras + based:  # each file fed by its own metadata, as a deployment would
         own_loader = eval_loader(task.eval_dataset(splits.val, extra.meta), batch_size, workers)
-        key = extra.role if extra.role not in results else f"{extra.role} {extra.path.name}"
+        key = f"base {extra.role}" if extra in based else extra.role
+        key = key if key not in results else f"{key} {extra.path.name}"
         results[key] = measured(extra, own_loader, str(extra.file))
     if save:
         from lcdistill.checkpoint import atomic_write_json

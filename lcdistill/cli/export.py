@@ -25,6 +25,7 @@ def export(
     tolerance: float = typer.Option(1e-3, "--tolerance", help="Largest allowed |exported - PyTorch| on the logits, as a fraction of the largest |logit| (absolute below 1)."),
     quantize: str = typer.Option("none", "--quantize", help="none | int8: also write student.int8.onnx (static, calibrated on train images)."),
     calibration_images: int = typer.Option(CALIBRATION_IMAGES, "--calibration-images", help="Training images to calibrate int8 with."),
+    weight_bits: Optional[int] = typer.Option(None, "--weight-bits", help="With --quantize int8: 8 (int8 weights) or 4 (int4 weights, uint8 activations: student.w4a8.onnx). Default: 8, or what a quantization-aware run trained."),
     eval_file: Optional[str] = typer.Option(None, "--eval", help="`lcdistill eval --save` file for the hub card's table (default: RUN/eval.json)."),
 ):
     """Write student.onnx / student.pt / student.pt2 (dynamic batch, metadata) and a Hub folder (hub/), and check them against PyTorch on real images."""
@@ -40,9 +41,16 @@ def export(
         raise UserError(f"unknown --quantize '{quantize}'", "choose none or int8")
     if quantize == "int8" and format not in ("onnx", "all"):
         raise UserError("--quantize int8 quantizes the ONNX file", "use --format onnx or --format all")
+    if weight_bits is not None and (quantize != "int8" or weight_bits not in (8, 4)):
+        raise UserError(f"--weight-bits {weight_bits} needs --quantize int8 and a width of 8 or 4", "pass --quantize int8 --weight-bits 8 (or 4)")
     source_file = artifacts.identify(target, accept=("run", "weights"))
     loaded, task = source_file.loaded, source_file.task
     meta = loaded.meta
+    trained_bits = meta["qat"].get("weight_bits", 8) if meta.get("qat") else None
+    if trained_bits is not None and weight_bits not in (None, trained_bits):
+        raise UserError(f"{target} was trained quantization-aware for {trained_bits}-bit weights, not --weight-bits {weight_bits}",
+                        f"drop --weight-bits (or pass {trained_bits}); post-training int8 of another width starts from a float run")
+    weight_bits = trained_bits or weight_bits or 8
     model = task.exportable(loaded.model)
     out_dir = Path(out) if out else source_file.folder
     data_dir = data or _run_data(source_file.folder)
@@ -87,7 +95,7 @@ def export(
     if quantize == "int8" and meta.get("qat"):
         _export_qat_int8(loaded, task, meta, files["onnx"], data_dir, calibration_images, opset, batch)
     elif quantize == "int8":
-        _export_int8(model, task, meta, files["onnx"], data_dir, calibration_images, batch, source)
+        _export_int8(model, task, meta, files["onnx"], data_dir, calibration_images, batch, source, weight_bits)
 
 
 def _agreement(task, run, reference, batches) -> tuple[int, int]:
@@ -102,12 +110,13 @@ def _agreement(task, run, reference, batches) -> tuple[int, int]:
     return agree, total
 
 
-def _export_int8(model, task, meta: dict, fp32: Path, data_dir: str, images: int, batch, source: str) -> None:
-    """student.int8.onnx beside the fp32 file; int8 is judged by agreement, not by a tolerance."""
-    from lcdistill import export as exporter, quantize as quant
+def _export_int8(model, task, meta: dict, fp32: Path, data_dir: str, images: int, batch, source: str, weight_bits: int) -> None:
+    """student.int8.onnx (student.w4a8.onnx) beside the fp32 file; int8 is judged by agreement, not by a tolerance."""
+    from lcdistill import export as exporter
+    from lcdistill.quantize import ptq as quant
 
     batches = quant.calibration_batches(task, data_dir, meta, images)
-    int8 = quant.quantize(fp32, quant.int8_path(fp32), batches, str(Path(data_dir).resolve()))
+    int8 = quant.quantize(fp32, quant.int8_path(fp32, weight_bits), batches, str(Path(data_dir).resolve()), weight_bits=weight_bits)
     agree, total = _agreement(task, exporter.runner("onnx", int8), model.eval(), [batch])
     where = "" if task.export.unit == "images" else f" {task.export.unit}"
     mb = lambda p: p.stat().st_size / 1e6  # noqa: E731
@@ -117,7 +126,7 @@ def _export_int8(model, task, meta: dict, fp32: Path, data_dir: str, images: int
 
 def _export_qat_int8(loaded, task, meta: dict, fp32: Path, data_dir: str, images: int, opset: int, batch) -> None:
     """The int8 ONNX of a quantization-aware run, from what it learnt: its weights lie on their int8 grid
-    already, and its activation scales go to onnxruntime as overrides (lcdistill.qat.onnx_scales); judged by
+    already, and its activation scales go to onnxruntime as overrides (lcdistill.quantize.onnx_scales); judged by
     agreement with the fake-quantized PyTorch model on the whole val split, and by the kernels onnxruntime runs."""
     import copy
     import dataclasses
@@ -126,13 +135,15 @@ def _export_qat_int8(loaded, task, meta: dict, fp32: Path, data_dir: str, images
     import onnx
     import torch
 
-    from lcdistill import export as exporter, quantize as quant
-    from lcdistill.data import eval_loader
-    from lcdistill.qat import onnx_scales
-    from lcdistill.qat.prepare import attach
+    from lcdistill import export as exporter
+    from lcdistill.quantize import onnx_scales, ptq as quant
+    from lcdistill.quantize.prepare import attach
 
     qat = meta["qat"]
+    # exported with its activation quantizers only (onnxruntime rounds the int32 biases itself); judged against the
+    # model that rounds them as onnxruntime does
     reference = task.exportable(attach(copy.deepcopy(loaded.model), qat["activations"])).eval()
+    attached = attach(copy.deepcopy(loaded.model), qat["activations"], qat.get("bias")).eval()
     batches = quant.calibration_batches(task, data_dir, meta, images)
     with tempfile.TemporaryDirectory(prefix="lcdistill-qat-") as tmp:
         # torch.export cannot take fake quantization with a dynamic batch (its cachemask variant has no symbolic
@@ -145,15 +156,16 @@ def _export_qat_int8(loaded, task, meta: dict, fp32: Path, data_dir: str, images
         scales = onnx_scales.harvest(proto)
         plain = Path(tmp) / "plain.onnx"
         onnx.save_model(proto, str(plain))
-        int8 = quant.quantize(plain, quant.int8_path(fp32), batches, str(Path(data_dir).resolve()), overrides=onnx_scales.overrides(scales),
-                              how={"method": "quantization-aware", "activation_scales": f"{len(scales)} learnt in training, the rest calibrated"})
+        bits = qat.get("weight_bits", 8)
+        int8 = quant.quantize(plain, quant.int8_path(fp32, bits), batches, str(Path(data_dir).resolve()), overrides=onnx_scales.overrides(scales),
+                              how={"method": "quantization-aware", "activation_scales": f"{len(scales)} learnt in training, the rest calibrated"},
+                              weight_bits=bits, trained_weights=True)
     graph = onnx.load(str(int8), load_external_data=False).graph
     weights = {t.name for t in graph.initializer}
     quantized = {n.input[0] for n in graph.node if n.op_type == "QuantizeLinear" and n.input[0] not in weights}
     learnt = len(quantized & set(scales))
     val = task.scan(data_dir, check=False).val
-    val_batches = (task.inputs(task.batch(b), meta["mean"], meta["std"]) for b in eval_loader(task.eval_dataset(val, meta), 64, 0))
-    agree, total = _agreement(task, exporter.runner("onnx", int8), reference, val_batches)
+    agree, total, got, want = _side_by_side(task, meta, int8, attached, val)
     ops = onnx_scales.executed_ops(int8, task.export.calls(batch[:1])[0].numpy())
     integer = {k: v for k, v in ops.items() if k.startswith("QLinear") or "Integer" in k}
     floating = {k: v for k, v in ops.items() if k in ("Conv", "Gemm", "MatMul")}
@@ -162,8 +174,34 @@ def _export_qat_int8(loaded, task, meta: dict, fp32: Path, data_dir: str, images
     typer.echo(f"int8: {int8}  {mb(int8):.2f} MB (fp32 {mb(fp32):.2f} MB), quantization-aware: weights as trained, {learnt} of the "
                f"{len(quantized)} activation scales learnt in training, the rest calibrated on {sum(len(b) for b in batches)} train images;"
                f" {task.export.agreement_text} {agree}/{total}{where} of the {len(val.samples)} val images against the fake-quantized PyTorch model")
-    typer.echo("int8: onnxruntime ran " + ", ".join(f"{k} x{v}" for k, v in sorted(integer.items()))
-               + (" and in float " + ", ".join(f"{k} x{v}" for k, v in sorted(floating.items())) if floating else ""))
+    metric = task.metric(len(meta["classes"]))
+    typer.echo(f"int8: {metric.best_header} on val {got[metric.best]:.2f}, the fake-quantized PyTorch model {want[metric.best]:.2f} "
+               f"(difference {got[metric.best] - want[metric.best]:+.2f})")
+    dequantized = ops.get("DequantizeLinear", 0)
+    typer.echo("int8: onnxruntime ran " + (", ".join(f"{k} x{v}" for k, v in sorted(integer.items())) or "no integer kernel")
+               + (" and in float " + ", ".join(f"{k} x{v}" for k, v in sorted(floating.items())) if floating else "")
+               + (f" (int{bits} weights: {dequantized} DequantizeLinear feed float convolutions)" if bits != 8 else ""))
+
+
+def _side_by_side(task, meta: dict, int8: Path, reference, val) -> tuple[int, int, dict, dict]:
+    """(agreeing, total, the int8 file's metric, the reference PyTorch model's) over the val split, streamed."""
+    import torch
+
+    from lcdistill import artifacts
+    from lcdistill.data import eval_loader
+
+    got_run, want_run = artifacts.Artifact(int8, "onnx").predict, task.predictor(reference)
+    got, want = task.metric(len(meta["classes"])), task.metric(len(meta["classes"]))
+    agree = total = 0
+    with torch.no_grad():
+        for item in eval_loader(task.eval_dataset(val, meta), 64, 0):
+            batch = task.batch(item)
+            x = task.inputs(batch, meta["mean"], meta["std"])
+            a, b = got_run(x), want_run(x)
+            got.update(a, batch.targets), want.update(b, batch.targets)
+            k, n = task.export.agreement(a, b)
+            agree, total = agree + k, total + n
+    return agree, total, got.compute(), want.compute()
 
 
 def _run_data(folder: Path) -> str | None:

@@ -22,8 +22,8 @@ from lcdistill.train.validator import Validator
 
 
 class Trainer:
-    """hooks: objects with optional before_optimizer(distiller) (called before the optimizer is built:
-    quantization-aware training prepares the student there) and finish(student) (after the last epoch)."""
+    """hooks: objects with optional before_optimizer(distiller) (before the student is placed, DDP-wrapped and its
+    optimizer and EMA built: quantization-aware training prepares it there) and finish(student) (the shipped one)."""
 
     def __init__(self, distiller, recipe: dict, train_set, val_set, folder: RunFolder, runtime: Runtime, console: Console,
                  num_classes: int, hooks: tuple = ()):
@@ -35,12 +35,12 @@ class Trainer:
         self.task = distiller.task
         self.checkpointer, self.log, self.stopper = Checkpointer(folder, runtime.main), RunLog(folder, runtime.main), Stopper(runtime)
         self.distiller, self.student = distiller, distiller.student
+        self._call("before_optimizer", distiller)  # before DDP records the parameters (a parametrization replaces them)
         self.model = setup.place(distiller, runtime, train["compile"])
         self.train_set = train_set
         self.loader, val_loader = setup.loaders(train_set, val_set, self.local_batch, int(recipe["data"]["workers"]), train["seed"], runtime)
         self.steps_per_epoch = len(self.loader)
         self.validator = Validator(self.task, num_classes, val_loader, runtime, self.checkpointer, console, sched["optimizer"])
-        self._call("before_optimizer", distiller)
         self.optimizer, self.scheduler, self.scaler, self.ema = setup.optimization(distiller, self.student, recipe, self.steps_per_epoch, runtime)
         self.position = state.Position()
 

@@ -1,7 +1,7 @@
 """Quantization-aware training put on a student and taken off again.
 
 prepare(model, example, settings): one probe forward finds the layers onnxruntime's int8 export
-quantizes (every Conv2d and Linear but the float ones lcdistill.quantize keeps: the first convolution and
+quantizes (every Conv2d and Linear but the float ones lcdistill.quantize.ptq keeps: the first convolution and
 the last linear layer, in the order they run) and the BatchNorm that follows each convolution. Each
 quantized layer's weight gets a FoldedWeight parametrization and its input an ActQuant (a forward
 pre-hook), both living under `model.lcdistill_qat`, so module paths, the terms' taps, checkpoints, resume
@@ -19,9 +19,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
+from torch.overrides import TorchFunctionMode
 
 from lcdistill.errors import UserError
-from lcdistill.qat.fakequant import ActQuant, FixedQuant, FoldedWeight
+from lcdistill.quantize.fakequant import ActQuant, BiasRounding, FixedQuant, FoldedWeight
 
 ATTR = "lcdistill_qat"
 OUT = ":out"  # an observer of a module's output (a residual branch's last BatchNorm), not of its input
@@ -58,25 +59,69 @@ ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.Hardtanh, nn.SiLU, nn.Hardswish, nn.GELU, n
 PASS_THROUGH = (nn.Identity, nn.Dropout)
 
 
-def plan(model: nn.Module, example: torch.Tensor) -> tuple[list[str], list[str], dict[str, str], list[str]]:
-    """(quantized layer paths, float layer paths, {conv path: the BatchNorm path right after it}, paths of the
-    modules whose output gets an observer of its own) from one eval-mode forward of example.
+FUNCTION = "<function>"  # a consumer that is a torch function called outside any leaf module (a residual `+`)
 
-    The last are the ends of conv units (a BatchNorm, or the activation module right after it) whose output
-    reaches something other than a quantized layer: a functional op such as a residual `+`, or a pooling
-    module. onnxruntime quantizes those tensors too (the inputs of its Add and GlobalAveragePool)."""
+
+class FunctionUses(TorchFunctionMode):
+    """Records the tensors torch functions take outside leaf modules (depth[0] == 0), as users of FUNCTION;
+    calls that give no tensor back (size, dim) are not uses. An in-place op (`out += identity`, ReLU(inplace))
+    gives a copy back, so every tensor the probe sees is one value (the probe's forward is in eval and no_grad)."""
+
+    def __init__(self, users: dict[int, list[str]], depth: list[int]):
+        super().__init__()
+        self.users, self.depth = users, depth
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = getattr(func, "__name__", "")
+        if isinstance(out, torch.Tensor) and (name.startswith("__i") or (name.endswith("_") and not name.startswith("_"))) \
+                and any(out is a for a in args):
+            out = out.clone()
+        if self.depth[0] == 0 and isinstance(out, torch.Tensor):
+            for a in (*args, *(kwargs or {}).values()):
+                for t in (a if isinstance(a, (list, tuple)) else (a,)):
+                    if isinstance(t, torch.Tensor):
+                        self.users.setdefault(id(t), []).append(FUNCTION)
+        return out
+
+
+def plan(model: nn.Module, example: torch.Tensor) -> tuple[list[str], list[str], dict[str, str], list[str], dict[str, str]]:
+    """(quantized layer paths, float layer paths, {conv path: the BatchNorm path right after it}, paths of the
+    modules whose output gets an observer of its own, {quantized layer: that module} for the layers whose input
+    is such an output) from one eval-mode forward of example.
+
+    onnxruntime quantizes a tensor once, for all that read it. A tensor that only quantized layers read is
+    quantized at their inputs. One that something else reads too (a residual `+`, a pooling, a float layer)
+    is quantized where it is made: at the end of the conv unit that makes it (its BatchNorm, or the activation
+    module after that), or at the output of the one module that returns it (a residual block whose `+` feeds
+    the next block and that block's `+`); the quantized layers reading it then take it as it is."""
     order: list[str] = []
     made: dict[int, str] = {}  # id of a conv's output -> its path
     follows: dict[str, str] = {}
     ends: dict[str, int] = {}  # BatchNorm path -> id of its output
     after: dict[tuple[str, int], int] = {}  # (activation path, id of its input) -> id of its output
-    users: dict[int, list[str]] = {}  # id of a tensor -> the leaf modules (and BatchNorms) that took it
+    users: dict[int, list[str]] = {}  # id of a tensor -> the leaf modules (and BatchNorms) and FUNCTION that took it
+    returned: dict[int, list[str]] = {}  # id of a tensor -> the modules that returned it, innermost first
+    calls: dict[str, int] = {}
+    depth = [0]  # inside how many leaf modules the forward is
     names = {m: n for n, m in model.named_modules()}
     handles, alive = [], []  # outputs kept alive: an id is unique only while its tensor lives
 
     def took(module, args):
+        depth[0] += 1
         if args and isinstance(args[0], torch.Tensor):
             users.setdefault(id(args[0]), []).append(names[module])
+
+    def left(module, args, output):
+        depth[0] -= 1
+
+    def counted(module, args):
+        calls[names[module]] = calls.get(names[module], 0) + 1
+
+    def gave(module, args, output):
+        if isinstance(output, torch.Tensor):
+            alive.append(output)
+            returned.setdefault(id(output), []).append(names[module])
 
     def seen(module, args, output):
         alive.append(output)
@@ -94,15 +139,22 @@ def plan(model: nn.Module, example: torch.Tensor) -> tuple[list[str], list[str],
             after[(name, id(args[0]))] = id(output)
 
     for m in model.modules():
+        if m is model:
+            continue
         norm = isinstance(m, nn.modules.batchnorm._BatchNorm)
-        if m is not model and not isinstance(m, PASS_THROUGH) and (norm or not any(True for _ in m.children())):
+        leaf = not isinstance(m, PASS_THROUGH) and (norm or not any(True for _ in m.children()))
+        handles.append(m.register_forward_pre_hook(counted))
+        if leaf:
             handles.append(m.register_forward_pre_hook(took))
         if norm or isinstance(m, (nn.Conv2d, nn.Linear, *ACTIVATIONS)):
             handles.append(m.register_forward_hook(seen))
+        if leaf:
+            handles.append(m.register_forward_hook(left))
+        handles.append(m.register_forward_hook(gave))
     was = model.training
     try:
         model.eval()
-        with torch.no_grad():
+        with torch.no_grad(), FunctionUses(users, depth):
             model(example)
     finally:
         model.train(was)
@@ -113,22 +165,37 @@ def plan(model: nn.Module, example: torch.Tensor) -> tuple[list[str], list[str],
     linears = [n for n in runs if isinstance(model.get_submodule(n), nn.Linear)]
     keep_float = convs[:1] + linears[-1:]
     quantized = [n for n in runs if n not in keep_float]
+    observed = set(quantized) | {p for p in keep_float if isinstance(model.get_submodule(p), nn.Linear)}  # layers whose input is quantized
     pairs = {c: b for c, b in follows.items() if isinstance(model.get_submodule(b), nn.BatchNorm2d)}
 
     def takers(tensor: int, producer: str) -> list[str]:
         return [u for u in users.get(tensor, []) if not u.startswith(producer + ".")]  # not its own children
 
-    loose = []
+    loose, shared = [], {}
+    unit_outputs = set()
     for bn in dict.fromkeys(pairs.values()):
         end, tensor = bn, ends.get(bn, -1)
         taken = takers(tensor, bn)
         acts = [t for t in taken if (t, tensor) in after]
         if len(acts) == 1:  # BN -> activation: the unit ends at the activation's output (in place: the same tensor)
-            end, out = acts[0], after[(acts[0], tensor)]
-            taken = [t for t in taken if t != end] if out == tensor else takers(out, end)
-        if not taken or not all(t in quantized for t in taken):
+            end, tensor = acts[0], after[(acts[0], tensor)]
+            taken = [t for t in taken if t != end] if tensor == ends[bn] else takers(tensor, end)
+        unit_outputs.add(tensor)
+        if calls.get(end, 1) > 1:  # an activation module called twice (torchvision's blocks): its hook would take both
+            continue
+        if not taken or not all(t in observed for t in taken):
             loose.append(end)
-    return quantized, keep_float, pairs, list(dict.fromkeys(loose))
+            shared.update({t: end for t in taken if t in observed})
+    for tensor, modules in returned.items():  # a tensor a function made, read by a quantized layer and something else
+        taken = users.get(tensor, [])
+        # a hook on a module called twice would take both calls; a child added to a Sequential would run in its forward
+        once = [m for m in modules if calls.get(m) == 1 and m not in observed and not isinstance(model.get_submodule(m), (nn.Sequential, nn.ModuleList))]
+        if tensor in unit_outputs or tensor in made or not once:
+            continue
+        if any(t in observed for t in taken) and not all(t in observed for t in taken):
+            loose.append(once[0])
+            shared.update({t: once[0] for t in taken if t in observed})
+    return quantized, keep_float, pairs, list(dict.fromkeys(loose)), shared
 
 
 def prepare(model: nn.Module, example: torch.Tensor, settings: dict, total_steps: int) -> dict:
@@ -137,24 +204,30 @@ def prepare(model: nn.Module, example: torch.Tensor, settings: dict, total_steps
         raise UserError("quantization-aware training needs a model class of its own, not a bare nn.Sequential", "wrap the Sequential in a module")
     if hasattr(model, ATTR):
         raise UserError("the student is already prepared for quantization-aware training", "start from the run's student, not a checkpoint in training")
-    quantized, keep_float, pairs, loose = plan(model, example)
+    quantized, keep_float, pairs, loose, shared = plan(model, example)
     if not quantized:
         raise UserError("the student has no Conv2d or Linear layer for int8 to quantize", "pick a convolutional student")
-    # the input of every quantized layer, and of the float classifier (onnxruntime quantizes the pooling before it)
-    inputs = quantized + [p for p in keep_float if isinstance(model.get_submodule(p), nn.Linear)]
+    # the input of every quantized layer, and of the float classifier (onnxruntime quantizes the pooling before it),
+    # but for those that read a tensor quantized where it was made
+    inputs = [p for p in quantized + [p for p in keep_float if isinstance(model.get_submodule(p), nn.Linear)] if p not in shared]
     state = QatState(inputs + [f"{p}{OUT}" for p in loose], float(settings["observer_momentum"]), int(settings["calibration_steps"]),
                      int(float(settings["freeze_observers_at"]) * total_steps), int(float(settings["freeze_bn_at"]) * total_steps))
     model.add_module(ATTR, state)
     for path in quantized:
         layer = model.get_submodule(path)
         bn = model.get_submodule(pairs[path]) if path in pairs else None
-        parametrize.register_parametrization(layer, "weight", FoldedWeight(bn))
+        parametrize.register_parametrization(layer, "weight", FoldedWeight(bn, int(settings["weight_bits"])))
     for path in inputs:
         model.get_submodule(path).register_forward_pre_hook(state.observers[key(path)].pre_hook)
     for path in loose:
         model.get_submodule(path).register_forward_hook(state.observers[key(f"{path}{OUT}")].post_hook)
+    # int8 convolutions hold their bias in int32 on the grid of input scale x weight scale: simulated (int4 weights
+    # meet float convolutions, whose bias the export keeps float)
+    bias = {p: {"bn": pairs.get(p), "input": f"{shared[p]}{OUT}" if p in shared else p} for p in quantized
+            if isinstance(model.get_submodule(p), nn.Conv2d)} if int(settings["weight_bits"]) == 8 else {}
+    round_biases(model, bias, lambda path: state.observers[key(path)])
     model.register_forward_pre_hook(state.root_pre_hook)
-    return {"quantized": len(quantized), "folded": sum(p in pairs for p in quantized), "float": keep_float, "outputs": len(loose),
+    return {"quantized": len(quantized), "folded": sum(p in pairs for p in quantized), "float": keep_float, "outputs": len(loose), "bias": bias,
             "steps": total_steps, "calibration_steps": state.calibration_steps, "observers_frozen_at": state.freeze_observers,
             "bn_frozen_at": state.freeze_bn}
 
@@ -184,8 +257,21 @@ def bake(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
     return plain, acts
 
 
-def attach(model: nn.Module, activations: dict[str, dict]) -> nn.Module:
-    """Fixed activation quantizers (bake's second result) on a model built from baked weights, in place."""
+def round_biases(model: nn.Module, bias: dict[str, dict], quantizer) -> None:
+    """A BiasRounding hook on each conv of bias ({conv path: {"bn": its BatchNorm or None, "input": the path of its
+    input's quantizer}}) that has a bias to round (the BatchNorm's folded in, or its own)."""
+    for path, where in bias.items():
+        conv = model.get_submodule(path)
+        bn = model.get_submodule(where["bn"]) if where["bn"] else None
+        if bn is None and conv.bias is None:
+            continue
+        conv.register_forward_hook(BiasRounding(conv, bn, quantizer(where["input"]), 8).hook)
+
+
+def attach(model: nn.Module, activations: dict[str, dict], bias: dict[str, dict] | None = None) -> nn.Module:
+    """Fixed activation quantizers (bake's second result) on a model built from baked weights, in place, and
+    the int32 bias rounding of its int8 convolutions (the run's "bias" entry)."""
+    quantizers = {}
     for path, q in activations.items():
         quant = FixedQuant(q["scale"], q["zero_point"])
         output = path.endswith(OUT)
@@ -195,4 +281,6 @@ def attach(model: nn.Module, activations: dict[str, dict]) -> nn.Module:
             layer.register_forward_hook(quant.post_hook)
         else:
             layer.register_forward_pre_hook(quant.pre_hook)
+        quantizers[path] = quant
+    round_biases(model, {p: b for p, b in (bias or {}).items() if b["input"] in quantizers}, quantizers.get)
     return model

@@ -1,4 +1,5 @@
-"""int8 post-training static quantization of an exported ONNX student (onnxruntime.quantization)."""
+"""int8 static quantization of an exported ONNX student (onnxruntime.quantization): post-training, or with the
+scales a quantization-aware run learnt."""
 
 from __future__ import annotations
 
@@ -43,12 +44,19 @@ def quiet_ort_logging():
         root.setLevel(level)
 
 
-def quantize(fp32: Path, out: Path, batches: list[np.ndarray], source: str = "", overrides: dict | None = None, how: dict | None = None) -> Path:
+def quantize(fp32: Path, out: Path, batches: list[np.ndarray], source: str = "", overrides: dict | None = None, how: dict | None = None,
+             weight_bits: int = 8, trained_weights: bool = False) -> Path:
     """Static int8 (QDQ) model of the fp32 ONNX file, calibrated on batches; same metadata plus
     a 'quantization' entry saying how it was made (how: entries added to it).
 
+    trained_weights: the convolution weights lie on the grid a quantization-aware run trained them on; their
+    scales are read off them (onnx_scales.weight_overrides) rather than worked out again.
+    weight_bits 4: int4 weights per channel (onnxruntime's range, [-8, 7]; [-7, 7] from a quantization-aware run,
+    fakequant.py says why; onnxruntime has no int4 convolution
+    kernel: it dequantizes them and runs float convolutions between the uint8 activations' Q/DQ pairs).
+
     overrides: {tensor name: [{"scale", "zero_point"}]}, activation scales a quantization-aware run learnt
-    (lcdistill.qat.onnx_scales): onnxruntime takes them instead of its calibrated ones; the batches still
+    (lcdistill.quantize.onnx_scales): onnxruntime takes them instead of its calibrated ones; the batches still
     name the tensors it quantizes, and any tensor without an override keeps its calibrated scale."""
     import onnx
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
@@ -76,22 +84,33 @@ def quantize(fp32: Path, out: Path, batches: list[np.ndarray], source: str = "",
         # the stem conv (3 input channels of normalised pixels) and the classifier stay float: on the
         # demo student int8 there cost 4 points of top-1 before reduce_range (below), 0.3 after
         keep_float = [n.name for n in graph.node if n.op_type == "Conv"][:1] + [n.name for n in graph.node if n.op_type in ("Gemm", "MatMul")][-1:]
+        if trained_weights:
+            from lcdistill.quantize.onnx_scales import weight_overrides
+
+            overrides = {**(overrides or {}), **weight_overrides(graph, {n.name for n in graph.node} - set(keep_float), weight_bits)}
         quantize_static(
             str(pre), str(raw), Reader(input_name), quant_format=QuantFormat.QDQ, nodes_to_exclude=keep_float,
             # per-channel weights: after BN folding, depthwise filters differ in range by orders
             # of magnitude and one scale per tensor wipes most of them out (top-1 falls to chance)
             per_channel=True,
             # u8 activations x s8 weights is the pair ORT's x86/ARM int8 kernels are built for
-            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8 if weight_bits == 8 else QuantType.QInt4,
             # 7-bit weights: x86 CPUs without VNNI sum u8 x s8 pairs in int16 and saturate (the demo
-            # student fell from 98.3% to 89.1% top-1 on such a CPU; with reduce_range 98.1%)
-            reduce_range=True,
-            # learnt scales as they are: onnxruntime would otherwise widen a weight's scale where the int32
-            # bias needs it, and the trained weights would no longer lie on their grid
-            extra_options={"TensorQuantOverrides": overrides, "QDQDisableWeightAdjustForInt32Bias": True} if overrides else None,
+            # student fell from 98.3% to 89.1% top-1 on such a CPU; with reduce_range 98.1%); int4 weights
+            # never meet an integer kernel, and reduce_range would halve their 16 levels to 8
+            reduce_range=weight_bits == 8,
+            extra_options={
+                # learnt scales as they are: onnxruntime would otherwise widen a weight's scale where the int32
+                # bias needs it, and the trained weights would no longer lie on their grid
+                **({"TensorQuantOverrides": overrides, "QDQDisableWeightAdjustForInt32Bias": True} if overrides else {}),
+                # int4 weights meet float convolutions: a float bias costs nothing there, while an int32 one on the
+                # grid of input scale x int4 weight scale moved 3% of the first block's outputs by a step
+                **({"QuantizeBias": False} if weight_bits != 8 else {}),
+            },
         )
         proto = onnx.load(str(raw))
-    how = {"method": "static", "format": "QDQ", "weights": "int8 per-channel (7-bit range)", "activations": "uint8 per-tensor",
+    weights = "int8 per-channel (7-bit range)" if weight_bits == 8 else f"int{weight_bits} per-channel"
+    how = {"method": "static", "format": "QDQ", "weights": weights, "weight_bits": weight_bits, "activations": "uint8 per-tensor",
            "float_nodes": "first conv, last matmul",
            "calibration": "minmax", "calibration_images": int(sum(len(b) for b in batches)), "calibration_data": source, **(how or {})}
     export.set_metadata(proto, {**props, "onnx_opset": str(export.onnx_opset(proto)), "quantization": json.dumps(how)})
@@ -100,6 +119,6 @@ def quantize(fp32: Path, out: Path, batches: list[np.ndarray], source: str = "",
     return out
 
 
-def int8_path(fp32: Path) -> Path:
-    """student.onnx -> student.int8.onnx"""
-    return fp32.with_name(f"{fp32.stem}.int8{fp32.suffix}")
+def int8_path(fp32: Path, weight_bits: int = 8) -> Path:
+    """student.onnx -> student.int8.onnx (student.w4a8.onnx with int4 weights)"""
+    return fp32.with_name(f"{fp32.stem}.{'int8' if weight_bits == 8 else f'w{weight_bits}a8'}{fp32.suffix}")

@@ -1,10 +1,12 @@
-"""The int8 arithmetic onnxruntime's static quantization uses (lcdistill.quantize's settings), simulated in
+"""The int8 arithmetic onnxruntime's static quantization uses (lcdistill.quantize.ptq settings), simulated in
 float so the student trains through it.
 
-- Weights: per output channel, symmetric, in the 7-bit range of reduce_range: q in [-64, 64], scale =
-  max|w| / 64, zero point 0 (onnxruntime.quantization.quant_utils: get_qmin_qmax_for_qType(INT8,
-  reduce_range=True) and compute_scale_zp). onnxruntime folds BatchNorm into the convolution first, so
-  the weight quantized is w * gamma / sqrt(var + eps): FoldedWeight simulates exactly that.
+- Weights: per output channel, symmetric, zero point 0, scale max|w| / qmax. int8 in the 7-bit range of
+  reduce_range, q in [-64, 64] (onnxruntime.quantization.quant_utils: get_qmin_qmax_for_qType(INT8,
+  reduce_range=True) and compute_scale_zp: the same scale). int4 (qat.weight_bits=4) in [-7, 7]:
+  onnxruntime's own int4 range is [-8, 7] with scale max|w| / 7.5, where max|w| lands on 7 or -8 by a
+  rounding hair and the scale cannot be read back off the weights; on [-7, 7] both ends are exact, and the
+  export hands onnxruntime these scales (onnx_scales.weight_overrides).
 - Activations: per tensor, uint8 [0, 255], asymmetric, from a range that always holds 0: scale =
   (max - min) / 255, zero point round(-min / scale) (compute_scale_zp with qmin 0, qmax 255).
 Rounding is half to even in both (torch.fake_quantize_* and ONNX QuantizeLinear).
@@ -15,21 +17,22 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-WEIGHT_QMIN, WEIGHT_QMAX = (-64, 64)  # int8 in the 7-bit range of reduce_range
+WEIGHT_RANGES = {8: (-64, 64), 4: (-7, 7)}  # bits -> the symmetric weight range: int8 with reduce_range, int4 one level short
 ACT_QMIN, ACT_QMAX = (0, 255)  # uint8
 
 
-def weight_scales(w: torch.Tensor) -> torch.Tensor:
-    """Per output channel: max |w| / 64 (1.0 for an all-zero channel, as onnxruntime does)."""
+def weight_scales(w: torch.Tensor, bits: int = 8) -> torch.Tensor:
+    """Per output channel: max |w| / qmax (1.0 for an all-zero channel, as onnxruntime does)."""
     amax = w.detach().abs().flatten(1).amax(1)
-    return torch.where(amax > 0, amax / WEIGHT_QMAX, torch.ones_like(amax)).float()
+    return torch.where(amax > 0, amax / WEIGHT_RANGES[bits][1], torch.ones_like(amax)).float()
 
 
-def fake_quant_weight(w: torch.Tensor) -> torch.Tensor:
-    """w on the per-channel 7-bit grid (straight-through gradient: nothing is clipped, the scale holds max |w|)."""
-    scales = weight_scales(w)
+def fake_quant_weight(w: torch.Tensor, bits: int = 8) -> torch.Tensor:
+    """w on its per-channel grid (straight-through gradient: nothing is clipped, the scale holds max |w|)."""
+    scales = weight_scales(w, bits)
     zeros = torch.zeros(w.shape[0], dtype=torch.int32, device=w.device)
-    return torch.fake_quantize_per_channel_affine(w.float(), scales, zeros, 0, WEIGHT_QMIN, WEIGHT_QMAX).to(w.dtype)
+    qmin, qmax = WEIGHT_RANGES[bits]
+    return torch.fake_quantize_per_channel_affine(w.float(), scales, zeros, 0, qmin, qmax).to(w.dtype)
 
 
 def act_qparams(lo: float, hi: float) -> tuple[float, int]:
@@ -49,9 +52,10 @@ class FoldedWeight(nn.Module):
     approximate it). The BatchNorm is held outside the module tree (not a submodule), so state_dict and
     module paths are unchanged; deepcopy (EMA) still carries it to the copy's own BatchNorm."""
 
-    def __init__(self, bn: nn.BatchNorm2d | None = None):
+    def __init__(self, bn: nn.BatchNorm2d | None = None, bits: int = 8):
         super().__init__()
         object.__setattr__(self, "bn", bn)
+        self.bits = bits
 
     def fold(self, w: torch.Tensor) -> torch.Tensor | None:
         bn = self.bn
@@ -65,8 +69,8 @@ class FoldedWeight(nn.Module):
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         s = self.fold(w)
         if s is None:
-            return fake_quant_weight(w)
-        return fake_quant_weight(w * s) / s
+            return fake_quant_weight(w, self.bits)
+        return fake_quant_weight(w * s, self.bits) / s
 
 
 def fake_quant_act(x: torch.Tensor, scale, zero) -> torch.Tensor:
@@ -92,7 +96,7 @@ class ActHooks(nn.Module):
 
 class ActQuant(ActHooks):
     """uint8 fake quantization of one tensor, its range an exponential moving average of the batch minimum
-    and maximum. `state` (set each training step by lcdistill.qat.prepare.QatState, from its step count) says
+    and maximum. `state` (set each training step by lcdistill.quantize.prepare.QatState, from its step count) says
     what it does: 0 watches only (the first steps: the range has no history yet), 1 watches and quantizes, 2
     quantizes with the range frozen. In eval it quantizes with the range it has (once it has one)."""
 
@@ -124,16 +128,58 @@ class ActQuant(ActHooks):
             self._ready = bool(self.seen > 0)
         return self._ready
 
+    def quantizes(self) -> bool:
+        return self.ready() and not (self.training and self.state == 0)
+
+    def _scale(self) -> torch.Tensor:
+        lo, hi = torch.clamp(self.lo, max=0.0), torch.clamp(self.hi, min=0.0)
+        return torch.clamp((hi - lo) / (ACT_QMAX - ACT_QMIN), min=1e-12)
+
+    def scale_now(self) -> torch.Tensor | None:
+        """The scale it quantizes with now; None while it does not quantize."""
+        return self._scale() if self.quantizes() else None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training and self.state < 2:
             self.observe(x)
             self._ready = True
-        if not self.ready() or (self.training and self.state == 0):
+        if not self.quantizes():
             return x
-        lo, hi = torch.clamp(self.lo, max=0.0), torch.clamp(self.hi, min=0.0)
-        scale = torch.clamp((hi - lo) / (ACT_QMAX - ACT_QMIN), min=1e-12)
-        zero = torch.clamp(torch.round(ACT_QMIN - lo / scale), ACT_QMIN, ACT_QMAX).to(torch.int32)
+        scale = self._scale()
+        zero = torch.clamp(torch.round(ACT_QMIN - torch.clamp(self.lo, max=0.0) / scale), ACT_QMIN, ACT_QMAX).to(torch.int32)
         return fake_quant_act(x, scale, zero)
+
+
+class BiasRounding:
+    """onnxruntime's int8 convolution holds its bias (the BatchNorm's folded in: beta - mean * s) in int32 on the
+    grid of input scale x weight scale, per output channel (quant_utils.quantize_bias_static_impl rounds it
+    there). A forward hook on the conv adds that rounding's error: delta / s, which the BatchNorm after it
+    turns into delta (BN(y + delta / s) = BN(y) + delta in eval), so a BatchNorm with its activation inside
+    (timm's BatchNormAct2d) still gets it before the activation. Only where the folding is exact: BatchNorm in
+    eval (running statistics), and once the conv's input is quantized. A constant per channel: no gradient."""
+
+    def __init__(self, conv: nn.Conv2d, bn: nn.BatchNorm2d | None, quant: nn.Module, bits: int):
+        self.bn, self.quant, self.bits = bn, quant, bits
+        self.fold = FoldedWeight(bn).fold if bn is not None else None
+
+    def hook(self, conv: nn.Module, args: tuple, output: torch.Tensor):
+        bn, scale = self.bn, self.quant.scale_now()
+        if scale is None or (bn is not None and bn.training):
+            return output
+        with torch.no_grad():
+            w = conv.weight
+            if bn is not None:
+                s = self.fold(w)
+                w = w * s
+                s = s.flatten()
+                b = (bn.bias if bn.bias is not None else torch.zeros_like(s)) - bn.running_mean * s
+            else:
+                b = conv.bias
+            grid = scale * weight_scales(w, self.bits)
+            delta = torch.round(b.float() / grid) * grid - b.float()
+            if bn is not None:
+                delta = delta / s
+        return output + delta.to(output.dtype).view(1, -1, *([1] * (output.dim() - 2)))
 
 
 class FixedQuant(ActHooks):
@@ -142,6 +188,9 @@ class FixedQuant(ActHooks):
     def __init__(self, scale: float, zero_point: int):
         super().__init__()
         self.scale, self.zero_point = float(scale), int(zero_point)
+
+    def scale_now(self) -> float:
+        return self.scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return fake_quant_act(x, self.scale, self.zero_point)
