@@ -6,7 +6,7 @@ DEMO := runs/demo
 # digits are 32x32 centred strokes: no flips, mild crops, no eval centre-crop
 DIGITS := --input-size 32 --batch-size 64 --set data.hflip=0 --set "data.scale=[0.6,1.0]" --set data.crop_pct=1.0 --set schedule.warmup_epochs=2
 
-.PHONY: venv demo demo-seg demo-det test clean
+.PHONY: venv demo demo-qat demo-seg demo-det test clean
 
 venv: $(BIN)/.installed
 
@@ -93,6 +93,27 @@ demo-det: venv
 	$(BIN)/lcdistill export $(DET_DEMO)/student --format all --out $(DET_DEMO)/export
 	$(BIN)/lcdistill eval $(DET_DEMO)/student --data $(DET_DEMO)/scenes --exports $(DET_DEMO)/export --save $(DET_DEMO)/eval.json
 	$(BIN)/lcdistill report $(DET_DEMO)/student --data $(DET_DEMO)/scenes --eval $(DET_DEMO)/eval.json
+
+# Quantization-aware distillation where post-training quantization loses: `make demo`'s teacher and student, the student
+# exported in float and quantized after training with int8 and with int4 weights (uint8 activations both), then fine-tuned
+# quantization-aware for int4 weights (3 epochs at a tenth of its lr, the teacher guiding with the same method) and exported
+# from what it learnt. `eval` of that run measures its int4 file beside the float run's fp32 and post-training files.
+# Figures: benchmarks/RESULTS.md (benchmarks/qat.py holds the several-seed comparison).
+QAT_DEMO ?= runs/demo-qat
+
+demo-qat: venv
+	rm -rf $(QAT_DEMO)
+	$(BIN)/lcdistill data digits $(QAT_DEMO)/digits
+	$(BIN)/lcdistill train --model resnet18 --data $(QAT_DEMO)/digits --epochs 10 --lr 0.1 $(DIGITS) --out $(QAT_DEMO)/teacher
+	$(BIN)/lcdistill compress --teacher $(QAT_DEMO)/teacher --student mobilenetv2_050 --data $(QAT_DEMO)/digits \
+		--method london --epochs 15 --lr 0.02 $(DIGITS) --out $(QAT_DEMO)/student
+	$(BIN)/lcdistill export $(QAT_DEMO)/student --format onnx --quantize int8
+	$(BIN)/lcdistill export $(QAT_DEMO)/student --format onnx --quantize int8 --weight-bits 4
+	$(BIN)/lcdistill compress --teacher $(QAT_DEMO)/teacher --student $(QAT_DEMO)/student --data $(QAT_DEMO)/digits \
+		--quantize int8 --set qat.weight_bits=4 --out $(QAT_DEMO)/student-qat
+	$(BIN)/lcdistill export $(QAT_DEMO)/student-qat --format onnx --quantize int8
+	$(BIN)/lcdistill eval $(QAT_DEMO)/student-qat --data $(QAT_DEMO)/digits --save $(QAT_DEMO)/eval.json
+	$(BIN)/lcdistill report $(QAT_DEMO)/student-qat --eval $(QAT_DEMO)/eval.json
 
 # two pytest workers, one per core (each test runs on one thread); a file stays in one worker so its fixtures are made once
 test: venv
