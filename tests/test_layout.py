@@ -124,3 +124,12 @@ def test_no_ignore_label_outside_the_tasks():
         lines = [t.line.strip() for t in tokens if t.type == tokenize.NUMBER and t.string == "255"]
         assert all("/ 255" in line or "* 255" in line or "div_(255)" in line or "/255" in line or "255.0" in line
                    or "(255, 255, 255" in line or "0, 255)" in line or "> 255" in line or "255]" in line for line in lines), (rel, lines)
+
+
+def test_pyproject_ships_every_package():
+    """A wheel (non-editable) install holds only the packages pyproject lists: each folder of the package is one."""
+    import tomllib
+
+    listed = set(tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    folders = {".".join(f.parent.relative_to(PACKAGE.parent).parts) for f in PACKAGE.rglob("__init__.py")}
+    assert folders <= listed, sorted(folders - listed)
