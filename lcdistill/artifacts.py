@@ -7,6 +7,7 @@ model, a predict function on normalised batches, the task it was trained for.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -132,14 +133,11 @@ def exports_beside(target: Artifact, folder: str | Path | None) -> list[Artifact
 
 
 def base_run(target: Artifact) -> Artifact | None:
-    """The finished run a quantization-aware run fine-tuned (its --student RUN), whose fp32 and post-training
-    int8 files eval measures beside the quantization-aware ones; None for any other target."""
-    if target.kind != "run" or not target.meta.get("qat"):
+    """The finished run a quantization-aware run fine-tuned (its --student RUN, recorded in inputs.json), whose fp32
+    and post-training files eval measures beside the quantization-aware ones; None for any other target."""
+    if target.kind != "run" or not target.meta.get("qat") or not RunFolder(target.path).inputs.is_file():
         return None
-    from lcdistill import recipe as recipes
-
-    folder = RunFolder(target.path)
-    spec = recipes.read_yaml(folder.recipe).get("student", {}).get("name") if folder.recipe.is_file() else None
+    spec = json.loads(RunFolder(target.path).inputs.read_text()).get("base_run")
     return Artifact(Path(spec), "run") if spec and RunFolder(spec).finished() else None
 
 

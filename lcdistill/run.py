@@ -108,7 +108,7 @@ def prepare(layers: list[dict], data_dir: str, teacher: str | None, teacher_weig
     if not resume and run_dir.exists() and any(run_dir.iterdir()):
         raise UserError(f"run folder {run_dir} already exists and is not empty", f"continue it with --resume {run_dir}, or choose another --out")
     inputs = {"data": str(Path(data_dir).resolve()), "teacher": teacher, "teacher_weights": teacher_weights, "classes": classes,
-              "skipped_files": splits.skipped, **({"init": init} if init else {})}
+              "skipped_files": splits.skipped, **({"init": init} if init else {}), **qat.base_input(recipe)}
     return Prepared(recipe, inputs, task, splits, student, loaded_teacher, int(input_size), RunFolder(run_dir), runtime,
                     method_note(task, layers), init, qat.hook(recipe, task, int(input_size), len(splits.train.samples), runtime.world))
 

@@ -29,8 +29,6 @@ def export(
     eval_file: Optional[str] = typer.Option(None, "--eval", help="`lcdistill eval --save` file for the hub card's table (default: RUN/eval.json)."),
 ):
     """Write student.onnx / student.pt / student.pt2 (dynamic batch, metadata) and a Hub folder (hub/), and check them against PyTorch on real images."""
-    import torch
-
     from lcdistill import artifacts, export as exporter
     from lcdistill.runfolder import RunFolder
     from lcdistill.data import eval_loader

@@ -1,17 +1,19 @@
 """Quantization-aware training put on a student and taken off again.
 
-prepare(model, example, settings): one probe forward finds the layers onnxruntime's int8 export
-quantizes (every Conv2d and Linear but the float ones lcdistill.quantize.ptq keeps: the first convolution and
-the last linear layer, in the order they run) and the BatchNorm that follows each convolution. Each
-quantized layer's weight gets a FoldedWeight parametrization and its input an ActQuant (a forward
-pre-hook), both living under `model.lcdistill_qat`, so module paths, the terms' taps, checkpoints, resume
-and the EMA copy work as for any student. The schedule (QatState) counts training steps: the first
-`calibration_steps` only watch the activation ranges, the ranges freeze at `freeze_observers_at` of the
-run and the BatchNorm statistics at `freeze_bn_at` (the fine-tuning schedule of the field's QAT recipes).
+prepare(model, example, settings): one probe forward (plan) finds the layers onnxruntime's export quantizes
+(every Conv2d and Linear but the float ones lcdistill.quantize.ptq keeps: the first convolution and the last
+linear layer, in the order they run), the BatchNorm that follows each convolution, and where each tensor
+onnxruntime quantizes is made and read. Each quantized layer's weight gets a FoldedWeight parametrization;
+each such tensor one ActQuant, once: a forward pre-hook on the layer that reads it, or a forward hook where it
+is made when something else reads it too; each int8 convolution a BiasRounding hook. All of it lives under
+`model.lcdistill_qat` or in hooks, so module paths, the terms' taps, checkpoints, resume and the EMA copy work
+as for any student. The schedule (QatState) counts training steps: the first `calibration_steps` only watch
+the activation ranges, the ranges freeze at `freeze_observers_at` of the run and the BatchNorm statistics at
+`freeze_bn_at` (the fine-tuning schedule of the field's QAT recipes).
 
-bake(model): the architecture's own state_dict with every weight on its int8 grid, and the learnt
-activation (scale, zero point) per module path; attach() puts those fixed
-activation quantizers back on a model built from the baked weights (export and eval's reference).
+bake(model): the architecture's own state_dict with every weight on its grid, and the learnt activation
+(scale, zero point) per module path; attach() puts those fixed activation quantizers (and the bias rounding)
+back on a model built from the baked weights (export and its agreement check).
 """
 
 from __future__ import annotations

@@ -6,6 +6,8 @@ the run's header. No branch in the loop: a run without it passes no hook."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from torch import nn
 
 from lcdistill import guardrails, methods, recipe as recipes
@@ -55,6 +57,15 @@ class Hook:
 
     def finish(self, student: nn.Module) -> None:
         self.shipped = ship(student, self.report, self.settings)
+
+
+def base_input(recipe: dict) -> dict:
+    """{"base_run": its absolute path} for inputs.json when a quantization-aware run fine-tunes a run folder
+    (eval measures that run's fp32 and post-training files beside this one's), else {}."""
+    spec = recipe["student"]["name"]
+    if recipe["qat"]["mode"] == "none" or not spec or not RunFolder(spec).finished():
+        return {}
+    return {"base_run": str(Path(spec).resolve())}
 
 
 def hook(recipe: dict, task, input_size: int, images: int, world: int) -> Hook | None:
