@@ -83,7 +83,7 @@ def line(q: dict) -> str:
             f"BatchNorms folded in; their inputs and {q['outputs']} outputs a `+` or pooling reads in uint8), float as the export keeps "
             f"them: {', '.join(q['float']) or 'none'}; activation ranges "
             f"watched for {q['calibration_steps']} steps, fixed from step {q['observers_frozen_at']}, BatchNorm statistics from step "
-            f"{q['bn_frozen_at']} of {q['steps']}")
+            f"{q['bn_frozen_at']} of {q['steps']}" + ("; int8 convolutions' biases rounded onto onnxruntime's int32 grid" if q["bias"] else ""))
 
 
 def ship(model: nn.Module, q: dict, settings: dict) -> tuple[dict, dict]:
