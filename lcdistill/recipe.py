@@ -65,7 +65,7 @@ CORE: dict[str, Any] = {
         "skip_bad_images": False,
         "gpu_decode": "auto",  # decode + crop/flip JPEGs on the GPU: auto (CUDA and all files JPEG) | true | false
     },
-    "qat": {  # quantization-aware training (--quantize int8 on compress and train): lcdistill/qat/
+    "qat": {  # quantization-aware training (--quantize int8 on compress and train): lcdistill/quantize/
         "mode": "none",  # none | int8: train the student as onnxruntime's int8 export will run it
         "weight_bits": 8,  # 8 (int8 weights, 7-bit range) | 4 (int4 weights: onnxruntime dequantizes them to float convolutions)
         "calibration_steps": 20,  # first steps: activation ranges watched, not yet quantized

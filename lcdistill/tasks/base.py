@@ -266,7 +266,7 @@ class Task:
     def configure(self, loaded, input_size: int) -> None:
         """Fit a resolved model (models.Loaded) to the input size the run trains at (a detector's own resize)."""
 
-    quantization_aware = True  # whether --quantize int8 can train its models (lcdistill.qat)
+    quantization_aware = True  # whether --quantize int8 can train its models (lcdistill.quantize)
 
     def checks(self, p) -> list[str]:
         """Warning lines (guardrails) this task adds for a prepared run (lcdistill.run.Prepared)."""
