@@ -44,6 +44,17 @@ def act_qparams(lo: float, hi: float) -> tuple[float, int]:
     return scale, int(min(max(round(ACT_QMIN - lo / scale), ACT_QMIN), ACT_QMAX))
 
 
+def fold_scale(bn: nn.BatchNorm2d | None, w: torch.Tensor) -> torch.Tensor | None:
+    """s = gamma / sqrt(running_var + eps), shaped to multiply w per output channel; None without a BatchNorm
+    (or one that keeps no running statistics)."""
+    if bn is None or bn.running_var is None:
+        return None
+    gamma = bn.weight.detach() if bn.weight is not None else torch.ones_like(bn.running_var)
+    s = gamma / torch.sqrt(bn.running_var + bn.eps)
+    s = torch.where(s.abs() < 1e-12, torch.full_like(s, 1e-12), s)  # a dead channel: keep the division finite
+    return s.reshape(-1, *([1] * (w.dim() - 1))).to(w.dtype)
+
+
 class FoldedWeight(nn.Module):
     """A parametrization of a conv's weight: the weight its int8 model holds once the BatchNorm after it is
     folded in, w_q = fq(w * s) / s with s = gamma / sqrt(running_var + eps) per channel. Dividing by s keeps
@@ -57,17 +68,8 @@ class FoldedWeight(nn.Module):
         object.__setattr__(self, "bn", bn)
         self.bits = bits
 
-    def fold(self, w: torch.Tensor) -> torch.Tensor | None:
-        bn = self.bn
-        if bn is None or bn.running_var is None:
-            return None
-        gamma = bn.weight.detach() if bn.weight is not None else torch.ones_like(bn.running_var)
-        s = gamma / torch.sqrt(bn.running_var + bn.eps)
-        s = torch.where(s.abs() < 1e-12, torch.full_like(s, 1e-12), s)  # a dead channel: keep the division finite
-        return s.reshape(-1, *([1] * (w.dim() - 1))).to(w.dtype)
-
     def forward(self, w: torch.Tensor) -> torch.Tensor:
-        s = self.fold(w)
+        s = fold_scale(self.bn, w)
         if s is None:
             return fake_quant_weight(w, self.bits)
         return fake_quant_weight(w * s, self.bits) / s
@@ -158,9 +160,8 @@ class BiasRounding:
     (timm's BatchNormAct2d) still gets it before the activation. Only where the folding is exact: BatchNorm in
     eval (running statistics), and once the conv's input is quantized. A constant per channel: no gradient."""
 
-    def __init__(self, conv: nn.Conv2d, bn: nn.BatchNorm2d | None, quant: nn.Module, bits: int):
+    def __init__(self, bn: nn.BatchNorm2d | None, quant: nn.Module, bits: int):
         self.bn, self.quant, self.bits = bn, quant, bits
-        self.fold = FoldedWeight(bn).fold if bn is not None else None
 
     def hook(self, conv: nn.Module, args: tuple, output: torch.Tensor):
         bn, scale = self.bn, self.quant.scale_now()
@@ -169,7 +170,7 @@ class BiasRounding:
         with torch.no_grad():
             w = conv.weight
             if bn is not None:
-                s = self.fold(w)
+                s = fold_scale(bn, w)
                 w = w * s
                 s = s.flatten()
                 b = (bn.bias if bn.bias is not None else torch.zeros_like(s)) - bn.running_mean * s

@@ -267,7 +267,7 @@ def round_biases(model: nn.Module, bias: dict[str, dict], quantizer) -> None:
         bn = model.get_submodule(where["bn"]) if where["bn"] else None
         if bn is None and conv.bias is None:
             continue
-        conv.register_forward_hook(BiasRounding(conv, bn, quantizer(where["input"]), 8).hook)
+        conv.register_forward_hook(BiasRounding(bn, quantizer(where["input"]), 8).hook)
 
 
 def attach(model: nn.Module, activations: dict[str, dict], bias: dict[str, dict] | None = None) -> nn.Module:
