@@ -25,7 +25,7 @@ from pathlib import Path
 import onnxruntime
 import torch
 
-from lcdistill import __version__, artifacts, evaluate, export
+from lcdistill import __version__, artifacts, exporters, measure
 from lcdistill.quantize import ptq as quantize
 from lcdistill.data import eval_loader
 from lcdistill.runfolder import RunFolder
@@ -46,17 +46,17 @@ def predictors(run: Path, data: str, work: Path, calibration: int) -> dict:
     """name -> (predict(normalised batch) -> logits, file or None)."""
     target = artifacts.identify(run, accept=("run",))
     model, meta, task = target.loaded.model.eval(), target.meta, target.task
-    onnx_file = export.to_onnx(model, meta, work / "student.onnx", task.export)
-    ts_file = export.to_torchscript(model, meta, work / "student.pt")
+    onnx_file = exporters.to_onnx(model, meta, work / "student.onnx", task.export)
+    ts_file = exporters.to_torchscript(model, meta, work / "student.pt")
     int8_file = quantize.quantize(onnx_file, quantize.int8_path(onnx_file), quantize.calibration_batches(task, data, meta, calibration), data)
-    with export.quiet_jit():
+    with exporters.quiet_jit():
         scripted = torch.jit.load(str(ts_file)).eval()
-    fp32_session, int8_session = export.onnx_session(onnx_file), export.onnx_session(int8_file)
+    fp32_session, int8_session = exporters.onnx_session(onnx_file), exporters.onnx_session(int8_file)
     return {
         "pytorch eager": (model, RunFolder(run).student),
         "torchscript": (scripted, ts_file),
-        "onnxruntime fp32": (lambda x: export.run_onnx(fp32_session, x), onnx_file),
-        "onnxruntime int8": (lambda x: export.run_onnx(int8_session, x), int8_file),
+        "onnxruntime fp32": (lambda x: exporters.run_onnx(fp32_session, x), onnx_file),
+        "onnxruntime int8": (lambda x: exporters.run_onnx(int8_session, x), int8_file),
     }
 
 
@@ -71,7 +71,7 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/results/export.md")
     args = ap.parse_args()
 
-    torch.set_num_threads(args.threads)  # export.onnx_session gives ONNX Runtime the same count
+    torch.set_num_threads(args.threads)  # exporters.onnx_session gives ONNX Runtime the same count
     run = Path(args.run)
     data = args.data or json.loads(RunFolder(run).inputs.read_text())["data"]
     target = artifacts.identify(run, accept=("run",))
@@ -81,7 +81,7 @@ def main() -> None:
         runtimes = predictors(run, data, Path(tmp), args.calibration_images)
         val = task.scan(data, check=False).val
         loader = eval_loader(task.eval_dataset(val, meta), 128, 0)
-        top1 = {name: evaluate.score(p, loader, torch.device("cpu"), meta["mean"], meta["std"], task.metric(len(meta["classes"])), task)["top1"]
+        top1 = {name: measure.score(p, loader, torch.device("cpu"), meta["mean"], meta["std"], task.metric(len(meta["classes"])), task)["top1"]
                 for name, (p, _) in runtimes.items()}
         sizes = {name: evaluate.file_size(str(f)) for name, (_, f) in runtimes.items()}
         inputs = {b: torch.randn(b, *meta["input_size"], generator=torch.Generator().manual_seed(b)) for b in (1, args.batch)}
@@ -100,7 +100,7 @@ def main() -> None:
         "",
         f"CPU: {cpu_name()}, {os.cpu_count()} cores, {args.threads} thread(s) per runtime; load average "
         f"{load_before[0]:.1f} before, {load_after[0]:.1f} after (a shared machine: compare rows, not runs). "
-        f"torch {torch.__version__}, onnxruntime {onnxruntime.__version__}, lcdistill {__version__}, ONNX opset {export.OPSET}. "
+        f"torch {torch.__version__}, onnxruntime {onnxruntime.__version__}, lcdistill {__version__}, ONNX opset {exporters.OPSET}. "
         f"Val: {len(val.samples)} images of {data}. Latency: median over {args.rounds} interleaved rounds of a median of 10 calls; "
         f"int8: static QDQ, per-channel weights, {args.calibration_images} train images for calibration.",
         "",

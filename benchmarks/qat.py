@@ -56,13 +56,13 @@ def score(path: Path, data: str, key: str) -> float:
     """The val metric of an exported file, run as `lcdistill eval` runs it (onnxruntime on the CPU)."""
     import torch
 
-    from lcdistill import artifacts, evaluate
+    from lcdistill import artifacts, measure
     from lcdistill.data import eval_loader
 
     a = artifacts.identify(str(path))
     loader = eval_loader(a.task.eval_dataset(a.task.scan(data, check=False).val, a.meta), 128, 0)
     with torch.no_grad():
-        return evaluate.score(a.predict, loader, torch.device("cpu"), a.meta["mean"], a.meta["std"], a.task.metric(len(a.meta["classes"])), a.task)[key]
+        return measure.score(a.predict, loader, torch.device("cpu"), a.meta["mean"], a.meta["std"], a.task.metric(len(a.meta["classes"])), a.task)[key]
 
 
 def one_seed(job: dict) -> dict:

@@ -39,7 +39,7 @@ from lcdistill import data, models, recipe as recipes
 from lcdistill.data import gpu as gpu_data
 from lcdistill.data import normalize
 from lcdistill import methods, tasks
-from lcdistill.train import setup_runtime
+from lcdistill.training import setup_runtime
 from lcdistill.tasks import Batch
 from publish import publish  # benchmarks/publish.py: scripts run from this folder
 

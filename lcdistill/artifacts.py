@@ -15,7 +15,7 @@ from typing import Callable
 
 import torch
 
-from lcdistill import export, models, tasks
+from lcdistill import exporters, models, tasks
 from lcdistill.errors import UserError
 from lcdistill.runfolder import RunFolder, exported_files
 
@@ -71,11 +71,11 @@ class Artifact:
     @cached_property
     def meta(self) -> dict:
         if self.kind == "onnx":
-            return export.read_onnx_metadata(self.path)
+            return exporters.read_onnx_metadata(self.path)
         if self.kind == "torchscript":
-            return export.read_torchscript_metadata(self.path)
+            return exporters.read_torchscript_metadata(self.path)
         if self.kind == "pt2":
-            return export.read_pt2_metadata(self.path)
+            return exporters.read_pt2_metadata(self.path)
         return models.read_meta(self.path)
 
     @property
@@ -105,10 +105,10 @@ class Artifact:
         if self.runtime == "pytorch":
             return self.loaded.model.eval()
         if self.kind == "torchscript":
-            with export.quiet_jit():
+            with exporters.quiet_jit():
                 return torch.jit.load(str(self.path)).eval()
         if self.kind == "pt2":
-            return export.load_pt2(self.path)
+            return exporters.load_pt2(self.path)
         return None
 
     @cached_property
@@ -117,8 +117,8 @@ class Artifact:
         refusing input of the wrong shape or type."""
         meta, task, spec = self.meta, self.task, self.task.export
         if self.kind == "onnx":
-            session = export.onnx_session(self.path)
-            return lambda x: spec.call(lambda batch: export.run_onnx_all(session, batch), x, meta)
+            session = exporters.onnx_session(self.path)
+            return lambda x: spec.call(lambda batch: exporters.run_onnx_all(session, batch), x, meta)
         if self.runtime == "pytorch":
             predict = task.predictor(self.module)
             return lambda x: predict(spec.check(x, meta))

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lcdistill import export
+from lcdistill import exporters
 from lcdistill.tasks import ExportSpec
 
 SECOND_BATCH = 3
@@ -30,7 +30,7 @@ def diffs(model: nn.Module, files: dict[str, Path], shape: tuple[int, ...], spec
     out = {}
     for fmt, path in files.items():
         with torch.no_grad():
-            got = export.runner(fmt, path)(x)  # onnx, torchscript, pt2, hub: each run as its own format runs
+            got = exporters.runner(fmt, path)(x)  # onnx, torchscript, pt2, hub: each run as its own format runs
         out[fmt] = spec.compare(got, reference)
     return out
 

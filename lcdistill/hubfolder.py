@@ -27,7 +27,7 @@ from lcdistill import models, tasks
 from lcdistill.checkpoint import save_weights
 from lcdistill import __version__
 from lcdistill.errors import UserError
-from lcdistill.evaluate import flops as count_flops
+from lcdistill.measure import flops as count_flops
 from lcdistill.models.classifiers import REPO_PLACEHOLDER
 from lcdistill.models.hub import _reachable
 from lcdistill.runfolder import RunFolder

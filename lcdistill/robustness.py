@@ -20,8 +20,8 @@ from lcdistill import artifacts
 from lcdistill.data import eval_loader, normalize, sample_seed
 from lcdistill.defaults import FGSM_EPSILONS, NOISE_SIGMAS, ROBUSTNESS_SEED
 from lcdistill.errors import UserError
-from lcdistill.evaluate import placed, score
-from lcdistill.train import eval_runtime
+from lcdistill.measure import placed, score
+from lcdistill.training import eval_runtime
 
 NOTE = (f"noise: x + N(0, sigma^2) on the [0, 1] pixels, clipped to [0, 1], before each model's mean/std; the same noise for "
         f"every model (seed {ROBUSTNESS_SEED}). FGSM: one step x + eps * sign(grad_x loss), clipped; PyTorch models only. "

@@ -24,12 +24,12 @@ from lcdistill.checkpoint import atomic_write_json, save_weights
 from lcdistill.data.gpu import JpegDataset
 from lcdistill.distributed import replica_check
 from lcdistill.errors import TrainingStopped, UserError
-from lcdistill.evaluate import flops
+from lcdistill.measure import flops
 from lcdistill.models.transfer import init_from, init_line
 from lcdistill.quantize import qat
 from lcdistill.runfolder import RunFolder
 from lcdistill.tasks import Splits, Task
-from lcdistill.train import Runtime, Trainer, setup_runtime
+from lcdistill.training import Runtime, Trainer, setup_runtime
 
 
 @dataclass

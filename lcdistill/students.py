@@ -1,9 +1,9 @@
 """Choosing a student: the shipped recipes and a curated list of small families, measured here.
 
 Each candidate is built with the data's number of classes (random weights: speed and size do not
-depend on them) and measured at one input size: params, FLOPs (lcdistill.evaluate.flops) and the
+depend on them) and measured at one input size: params, FLOPs (lcdistill.measure.flops) and the
 median latency of batch-1 calls on the chosen runtime, every candidate with the same thread count.
-For onnxruntime each candidate is first exported to a temporary ONNX file by lcdistill.export.to_onnx,
+For onnxruntime each candidate is first exported to a temporary ONNX file by lcdistill.exporters.to_onnx,
 the same path `lcdistill export` takes.
 """
 
@@ -20,9 +20,9 @@ from typing import Callable
 
 import torch
 
-from lcdistill import export, models, recipe as recipes, tasks
+from lcdistill import exporters as export, models, recipe as recipes, tasks
 from lcdistill.errors import UserError
-from lcdistill.evaluate import flops
+from lcdistill.measure import flops
 
 RUNTIMES = ("onnxruntime", "torch")
 WARMUP, REPEATS = 5, 20

@@ -20,7 +20,7 @@ from lcdistill.checkpoint import (
     save_weights,
 )
 from lcdistill.errors import UserError
-from lcdistill.train import rng_state, set_rng_state
+from lcdistill.training import rng_state, set_rng_state
 
 
 def assert_same(a, b, where="state", ordered=True):

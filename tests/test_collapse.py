@@ -12,7 +12,7 @@ from conftest import cli_ok
 from lcdistill.tasks.classification import TopK
 from lcdistill.tasks.detection import MeanAP
 from lcdistill.tasks.segmentation import IGNORE, ConfusionMatrix
-from lcdistill.train.validator import COLLAPSED_VALIDATIONS, Validator
+from lcdistill.training.validator import COLLAPSED_VALIDATIONS, Validator
 
 
 def scores(classes: torch.Tensor, num_classes: int) -> torch.Tensor:

@@ -109,7 +109,7 @@ def test_the_validator_warns_once_at_the_last_epoch_when_labels_are_guessed():
 
     from rich.console import Console
 
-    from lcdistill.train.validator import Validator
+    from lcdistill.training.validator import Validator
 
     class Guessing:
         def collapsed(self):
@@ -329,7 +329,7 @@ def test_a_stopped_detection_run_resumes_to_the_unbroken_one(scenes, det_teacher
 
     from safetensors.torch import load_file
 
-    from lcdistill.train import Trainer
+    from lcdistill.training import Trainer
 
     args = ["--teacher", det_teacher, "--student", STUDENT, "--data", scenes, "--method", "kd", "--epochs", "2", *FAST]
     unbroken = tmp_path / "unbroken"

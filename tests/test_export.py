@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conftest import EVAL, cli, cli_ok
-from lcdistill import export, models
+from lcdistill import exporters, models
 from lcdistill.data import ImageDataset, eval_loader, normalize, scan, transforms
 from lcdistill.errors import UserError
 
@@ -58,7 +58,7 @@ def test_onnx_is_valid_and_carries_metadata(exported):
     for key in ("classes", "mean", "std", "input_size"):
         assert json.loads(props[key]) == meta[key], key
     assert json.loads(props["arch"]) == meta["arch"]
-    assert export.read_onnx_metadata(out / "student.onnx")["classes"] == [str(i) for i in range(10)]
+    assert exporters.read_onnx_metadata(out / "student.onnx")["classes"] == [str(i) for i in range(10)]
     batch_dim = proto.graph.input[0].type.tensor_type.shape.dim[0]
     assert batch_dim.dim_param and not batch_dim.dim_value, "batch dimension is not dynamic"
 
@@ -66,7 +66,7 @@ def test_onnx_is_valid_and_carries_metadata(exported):
 def test_torchscript_carries_metadata(exported):
     run, out, _ = exported
     meta = json.loads((run / "student.json").read_text())
-    got = export.read_torchscript_metadata(out / "student.pt")
+    got = exporters.read_torchscript_metadata(out / "student.pt")
     for key in ("classes", "mean", "std", "input_size", "arch"):
         assert got[key] == meta[key], key
 
@@ -77,14 +77,14 @@ def test_exported_files_match_pytorch(exported, small_data, batch):
     model = models.load_run(run).model.eval()
     real = val_batch(run, small_data, batch)
     noise = torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(batch))
-    session = export.onnx_session(out / "student.onnx")
-    with export.quiet_jit():
+    session = exporters.onnx_session(out / "student.onnx")
+    with exporters.quiet_jit():
         scripted = torch.jit.load(str(out / "student.pt")).eval()
     with torch.no_grad():
         for x in (real, noise):
             expected = model(x)
             assert expected.shape == (batch, 10)
-            from_onnx = export.run_onnx(session, x)
+            from_onnx = exporters.run_onnx(session, x)
             assert from_onnx.shape == expected.shape
             assert (from_onnx - expected).abs().max().item() <= TOLERANCE
             assert (scripted(x) - expected).abs().max().item() <= TOLERANCE
@@ -110,7 +110,7 @@ def test_export_single_format_and_safetensors_target(compress_run, tmp_path):
     result = cli_ok("export", run / "student.safetensors", "--format", "torchscript", "--out", tmp_path)
     assert (tmp_path / "student.pt").is_file() and not (tmp_path / "student.onnx").exists()
     assert "torchscript:" in result.stdout and "onnx:" not in result.stdout
-    assert export.read_torchscript_metadata(tmp_path / "student.pt")["classes"] == [str(i) for i in range(10)]
+    assert exporters.read_torchscript_metadata(tmp_path / "student.pt")["classes"] == [str(i) for i in range(10)]
     # the run's own val images were used for the parity check (run.json names the data)
     assert "val images from" in result.stdout
 
@@ -124,9 +124,9 @@ def test_export_unknown_format(compress_run, tmp_path):
 def test_metadata_round_trip():
     meta = {"classes": ["a", "b"], "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25], "input_size": [3, 8, 8],
             "interpolation": "bicubic", "crop_pct": 0.9, "arch": {"source": "timm", "name": "x", "kwargs": {}}}
-    props = export.metadata(meta)
+    props = exporters.metadata(meta)
     assert all(isinstance(v, str) for v in props.values())
-    back = export.decode_metadata(props)
+    back = exporters.decode_metadata(props)
     for key, value in meta.items():
         assert back[key] == value
     assert back["num_classes"] == 2
@@ -139,19 +139,19 @@ def test_reading_metadata_from_foreign_files(tmp_path):
                                    [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])])
     onnx.save(onnx.helper.make_model(graph), str(tmp_path / "plain.onnx"))
     with pytest.raises(UserError, match="no lcdistill metadata"):
-        export.read_onnx_metadata(tmp_path / "plain.onnx")
-    with export.quiet_jit(), warnings.catch_warnings():
+        exporters.read_onnx_metadata(tmp_path / "plain.onnx")
+    with exporters.quiet_jit(), warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         torch.jit.save(torch.jit.script(torch.nn.Identity()), str(tmp_path / "plain.pt"))
     with pytest.raises(UserError, match="no lcdistill metadata"):
-        export.read_torchscript_metadata(tmp_path / "plain.pt")
+        exporters.read_torchscript_metadata(tmp_path / "plain.pt")
     (tmp_path / "junk.onnx").write_bytes(np.arange(100, dtype=np.uint8).tobytes())
     with pytest.raises(UserError, match="not a readable ONNX"):
-        export.read_onnx_metadata(tmp_path / "junk.onnx")
+        exporters.read_onnx_metadata(tmp_path / "junk.onnx")
 
 
 def test_parity_is_measured_relative_to_the_logits_scale():
-    from lcdistill.export import scaled_diff
+    from lcdistill.exporters import scaled_diff
 
     reference = torch.tensor([[100.0, -3.0], [0.5, 2.0]])
     assert scaled_diff(reference + 0.01, reference) == pytest.approx(1e-4, rel=1e-3)  # 0.01 of a largest |logit| of 100

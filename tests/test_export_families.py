@@ -1,5 +1,5 @@
 """Export holds across architectures: one member of each CNN family, random weights, through
-lcdistill.export.to_onnx / to_torchscript / to_pt2, checked against PyTorch at batch 1 and batch 7.
+lcdistill.exporters.to_onnx / to_torchscript / to_pt2, checked against PyTorch at batch 1 and batch 7.
 
 The ONNX (dynamo) export dominates the time: roughly 3-15 s of CPU per model, so the list is
 one small member per family rather than every size (timm's MobileNetV3 is left out: torchvision's
@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from lcdistill import export, models
+from lcdistill import exporters, models
 
 FAMILIES = [
     ("timm", "resnet18"),
@@ -52,27 +52,27 @@ def test_family_exports_match_pytorch(source, name, tmp_path):
     loaded = models.Loaded(model, arch, len(CLASSES), models.data_config(model), name, arch)
     meta = models.model_meta(loaded, CLASSES, SIZE)
 
-    onnx_file = export.to_onnx(model, meta, tmp_path / "m.onnx")
-    ts_file = export.to_torchscript(model, meta, tmp_path / "m.pt")
-    pt2_file = export.to_pt2(model, meta, tmp_path / "m.pt2")  # torch.export: every family here traces
-    assert export.read_pt2_metadata(pt2_file)["arch"] == arch
-    program = export.load_pt2(pt2_file)
+    onnx_file = exporters.to_onnx(model, meta, tmp_path / "m.onnx")
+    ts_file = exporters.to_torchscript(model, meta, tmp_path / "m.pt")
+    pt2_file = exporters.to_pt2(model, meta, tmp_path / "m.pt2")  # torch.export: every family here traces
+    assert exporters.read_pt2_metadata(pt2_file)["arch"] == arch
+    program = exporters.load_pt2(pt2_file)
 
     proto = onnx.load(str(onnx_file))
     assert proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param, "batch dimension is not dynamic"
-    got_meta = export.read_onnx_metadata(onnx_file)
+    got_meta = exporters.read_onnx_metadata(onnx_file)
     assert got_meta["arch"] == arch and got_meta["classes"] == CLASSES
-    assert got_meta["onnx_opset"] == export.onnx_opset(proto) == export.OPSET
-    assert export.read_torchscript_metadata(ts_file)["arch"] == arch
+    assert got_meta["onnx_opset"] == exporters.onnx_opset(proto) == exporters.OPSET
+    assert exporters.read_torchscript_metadata(ts_file)["arch"] == arch
 
-    session = export.onnx_session(onnx_file)
-    with export.quiet_jit():
+    session = exporters.onnx_session(onnx_file)
+    with exporters.quiet_jit():
         scripted = torch.jit.load(str(ts_file)).eval()
     with torch.no_grad():
         for batch in (1, 7):
             x = torch.randn(batch, *SIZE, generator=torch.Generator().manual_seed(batch))
             expected = model(x)
             assert expected.shape == (batch, len(CLASSES))
-            assert_close(export.run_onnx(session, x), expected, f"{name} onnx batch {batch}")
+            assert_close(exporters.run_onnx(session, x), expected, f"{name} onnx batch {batch}")
             assert_close(scripted(x), expected, f"{name} torchscript batch {batch}")
             assert_close(program(x), expected, f"{name} pt2 batch {batch}")

@@ -15,7 +15,7 @@ import pytest
 
 from conftest import cli
 from lcdistill import guardrails
-from lcdistill.train import Trainer
+from lcdistill.training import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -97,7 +97,7 @@ def test_no_module_is_over_450_lines():
 
 
 def test_the_loop_is_short_and_names_no_metric():
-    loop = PACKAGE / "train" / "loop.py"
+    loop = PACKAGE / "training" / "loop.py"
     assert len(loop.read_text().splitlines()) <= 170
     assert not code_words(loop) & {"top1", "top5", "miou", "map", "pixel_acc"}
 

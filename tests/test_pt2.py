@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from conftest import EVAL, assert_user_error, cli, cli_ok
-from lcdistill import artifacts, export, models
+from lcdistill import artifacts, exporters, models
 from lcdistill.errors import UserError
 from test_export import TOLERANCE, val_batch
 from test_export_families import CLASSES, SIZE
@@ -55,7 +55,7 @@ def test_pt2_has_a_dynamic_batch_and_matches_pytorch(pt2_export, small_data):
 def test_pt2_carries_metadata(pt2_export):
     run, out, _ = pt2_export
     meta = json.loads((run / "student.json").read_text())
-    got = export.read_pt2_metadata(out / "student.pt2")
+    got = exporters.read_pt2_metadata(out / "student.pt2")
     for key in ("classes", "mean", "std", "input_size", "arch", "task"):
         assert got[key] == meta[key], key
     assert artifacts.kind_of(out / "student.pt2") == "pt2"
@@ -97,7 +97,7 @@ class DataDependent(nn.Module):
 def test_a_family_that_does_not_export_is_named(tmp_path):
     meta = {"classes": CLASSES, "mean": [0.5] * 3, "std": [0.5] * 3, "input_size": SIZE, "arch": {"source": "timm", "name": "oddnet_7", "kwargs": {}}}
     with pytest.raises(UserError) as caught:
-        export.to_pt2(DataDependent().eval(), meta, tmp_path / "m.pt2", artifacts_task().export)
+        exporters.to_pt2(DataDependent().eval(), meta, tmp_path / "m.pt2", artifacts_task().export)
     line = caught.value.line()
     assert "timm:oddnet_7" in line and "torchscript" in line and "\n" not in line
     assert not list(tmp_path.iterdir()), "a failed export left a file behind"

@@ -214,9 +214,9 @@ def test_the_int8_export_uses_what_it_learnt_and_runs_int8_kernels(qat_run, digi
     assert "QLinearConv x" in ops and re.search(r"in float Conv x1, Gemm x1$", ops), ops  # only the stem and classifier in float
     got, want = map(float, re.search(r"top-1 % on val ([\d.]+), the fake-quantized PyTorch model ([\d.]+)", scored).groups())
     assert abs(got - want) <= 0.3 + 1e-9, scored
-    from lcdistill import export
+    from lcdistill import exporters
 
-    how = export.read_onnx_metadata(run / "student.int8.onnx")["quantization"]
+    how = exporters.read_onnx_metadata(run / "student.int8.onnx")["quantization"]
     assert how["method"] == "quantization-aware"
     assert "learnt in training" in how["activation_scales"]
 
@@ -251,9 +251,9 @@ def test_int4_weights_train_and_export_on_their_own_grid(qat_run, digits, tmp_pa
     assert seen == 359 and agree >= 0.97 * seen, first
     got, want = map(float, re.search(r"top-1 % on val ([\d.]+), the fake-quantized PyTorch model ([\d.]+)", scored).groups())
     assert abs(got - want) <= 1.5, scored
-    from lcdistill import export
+    from lcdistill import exporters
 
-    how = export.read_onnx_metadata(run / "student.w4a8.onnx")["quantization"]
+    how = exporters.read_onnx_metadata(run / "student.w4a8.onnx")["quantization"]
     assert how["weight_bits"] == 4 and how["method"] == "quantization-aware"
     import onnx
     from onnx import numpy_helper

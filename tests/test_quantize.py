@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import EVAL, assert_user_error, cli, cli_ok
-from lcdistill import export
+from lcdistill import exporters
 
 # Three epochs on all 1,438 training digits: ~87% top-1 (40 s on 2 busy cores). A trained model
 # matters here: on an untrained one, int8 vs fp32 top-1 compares near-random guesses.
@@ -51,10 +51,10 @@ def test_int8_file_written_with_metadata(int8_run, digits):
     proto = onnx.load(str(int8))
     onnx.checker.check_model(proto)
     assert any(n.op_type == "QuantizeLinear" for n in proto.graph.node)
-    got, ref = export.read_onnx_metadata(int8), export.read_onnx_metadata(fp32)
+    got, ref = exporters.read_onnx_metadata(int8), exporters.read_onnx_metadata(fp32)
     for key in ("classes", "mean", "std", "input_size", "arch", "interpolation", "crop_pct", "lcdistill_version"):
         assert got[key] == ref[key], key
-    assert got["onnx_opset"] == export.onnx_opset(proto)
+    assert got["onnx_opset"] == exporters.onnx_opset(proto)
     how = got["quantization"]
     assert how["format"] == "QDQ" and "per-channel" in how["weights"] and how["calibration_images"] == 300
     assert how["calibration_data"] == str(digits.resolve())
@@ -64,9 +64,9 @@ def test_int8_file_written_with_metadata(int8_run, digits):
 @pytest.mark.parametrize("batch", [1, 7])
 def test_int8_runs_in_onnxruntime_with_any_batch(int8_run, batch):
     run, _ = int8_run
-    session = export.onnx_session(run / "student.int8.onnx")
+    session = exporters.onnx_session(run / "student.int8.onnx")
     x = torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(batch))
-    logits = export.run_onnx(session, x)
+    logits = exporters.run_onnx(session, x)
     assert logits.shape == (batch, 10) and bool(torch.isfinite(logits).all())
 
 
@@ -94,12 +94,12 @@ def test_int8_predictions_agree_with_fp32(int8_run, digits):
     from lcdistill.data import ImageDataset, eval_transform, normalize, scan
 
     run, _ = int8_run
-    meta = export.read_onnx_metadata(run / "student.onnx")
+    meta = exporters.read_onnx_metadata(run / "student.onnx")
     _, val = scan(digits, check=False)
     dataset = ImageDataset(val, eval_transform(meta))
     images = normalize(torch.stack([dataset[i][0] for i in range(len(dataset))]), meta["mean"], meta["std"])
-    fp32 = export.run_onnx(export.onnx_session(run / "student.onnx"), images).argmax(1)
-    int8 = export.run_onnx(export.onnx_session(run / "student.int8.onnx"), images).argmax(1)
+    fp32 = exporters.run_onnx(exporters.onnx_session(run / "student.onnx"), images).argmax(1)
+    int8 = exporters.run_onnx(exporters.onnx_session(run / "student.int8.onnx"), images).argmax(1)
     # the same class for almost every val image, not just the same count of right answers
     assert (fp32 == int8).float().mean().item() >= 0.95
 

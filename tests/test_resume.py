@@ -176,7 +176,7 @@ def test_sigterm_then_resume_finishes(small_data, tmp_path):
 def test_sigterm_while_the_run_is_being_set_up_is_one_line_and_leaves_no_folder(small_data, tmp_path):
     # The signal lands after the run folder is made and before training (and its own handlers) starts.
     out = tmp_path / "run"
-    code = ("import os, signal, sys; from lcdistill import cli; from lcdistill.train import loop; real = loop.Trainer.fit\n"
+    code = ("import os, signal, sys; from lcdistill import cli; from lcdistill.training import loop; real = loop.Trainer.fit\n"
             "def fit(self):\n    assert self.folder.recipe.is_file(); os.kill(os.getpid(), signal.SIGTERM); return real(self)\n"
             "loop.Trainer.fit = fit; sys.argv[1:] = sys.argv[2:]; cli.main()")
     proc = subprocess.run([sys.executable, "-c", code, "--", "compress", "--data", small_data, *CE, "--out", out],
@@ -188,7 +188,7 @@ def test_sigterm_while_the_run_is_being_set_up_is_one_line_and_leaves_no_folder(
 
 def test_signal_during_evaluation_stops_after_the_epoch(small_data, tmp_path, monkeypatch):
     # In-process: SIGTERM arrives while the epoch's validation runs, after the last step.
-    from lcdistill.train import Trainer
+    from lcdistill.training import Trainer
 
     real_evaluate, sent = Trainer.evaluate, []
 

@@ -160,7 +160,7 @@ def test_encoder_stages_pair_by_depth_never_head_with_head():
 
 def test_eval_counts_what_ships_not_the_auxiliary_head():
     """tv deeplabv3 trains an auxiliary head that exports drop: eval's params and FLOPs leave it out too."""
-    from lcdistill import evaluate, tasks
+    from lcdistill import measure, tasks
     from lcdistill.artifacts import InMemory
     from lcdistill.models import params, resolve
 
@@ -169,10 +169,10 @@ def test_eval_counts_what_ships_not_the_auxiliary_head():
     assert model.aux_classifier is not None
     meta = {"classes": [str(i) for i in range(11)], "input_size": [3, 64, 64], "mean": [0.5] * 3, "std": [0.25] * 3}
     loader = [(torch.rand(2, 3, 64, 64), torch.randint(0, 11, (2, 64, 64)))]
-    row = evaluate.measure(InMemory(model, meta, task), loader, torch.device("cpu"), 2, meta["mean"], meta["std"])
+    row = measure.measure(InMemory(model, meta, task), loader, torch.device("cpu"), 2, meta["mean"], meta["std"])
     assert row["params"] == params(model) - params(model.aux_classifier)
     without = resolve("tv:deeplabv3_mobilenet_v3_large", 11, pretrained=False, kwargs={"aux_loss": False}).model.eval()
-    assert row["flops"] == evaluate.flops(without, torch.zeros(1, 3, 64, 64)) > 0
+    assert row["flops"] == measure.flops(without, torch.zeros(1, 3, 64, 64)) > 0
 
 
 # ---- training, each method ----------------------------------------------------------------------------
@@ -262,7 +262,7 @@ def test_export_onnx_parity_at_two_sizes_and_batches(seg_student, scenes, tmp_pa
     assert "96x128" in result.stdout, result.stdout  # the exporter's own check at a second size
     model = Segmentation().exportable(load_run(run).model).eval()
     session = ort.InferenceSession(str(out / "student.onnx"), providers=["CPUExecutionProvider"])
-    from lcdistill.export import quiet_jit
+    from lcdistill.exporters import quiet_jit
 
     with quiet_jit():
         scripted = torch.jit.load(str(out / "student.pt"))

@@ -30,9 +30,9 @@ def eval_(
     fgsm: Optional[str] = typer.Option(None, "--fgsm", help=f"FGSM epsilons in [0, 1] pixel units (2/255 works), comma-separated; implies --robustness (default {','.join(f'{e * 255:g}/255' for e in FGSM_EPSILONS)}; '' for none)."),
 ):
     """The task's metric (top-1/top-5, mIoU), params, FLOPs and latency; teacher beside student when the run knows its teacher, exported files beside both."""
-    from lcdistill import artifacts, evaluate, robustness
+    from lcdistill import artifacts, measure, robustness
     from lcdistill.data import eval_loader
-    from lcdistill.train import eval_runtime
+    from lcdistill.training import eval_runtime
 
     need_data(data)
     levels = robustness_levels(robust, noise, fgsm)  # bad numbers fail before any work
@@ -54,7 +54,7 @@ def eval_(
     loader = eval_loader(task.eval_dataset(splits.val, meta), batch_size, workers)
 
     def measured(model, model_loader, name) -> dict:  # each model fed with its own mean/std
-        result = {**evaluate.measure(model, model_loader, runtime.device, batch_size, model.meta["mean"], model.meta["std"]), "model": name}
+        result = {**measure.measure(model, model_loader, runtime.device, batch_size, model.meta["mean"], model.meta["std"]), "model": name}
         if levels is not None:
             result["robustness"] = robustness.measure(model, model_loader, runtime.device, *levels, clean=result[metric.best])
         return result

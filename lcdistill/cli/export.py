@@ -29,7 +29,7 @@ def export(
     eval_file: Optional[str] = typer.Option(None, "--eval", help="`lcdistill eval --save` file for the hub card's table (default: RUN/eval.json)."),
 ):
     """Write student.onnx / student.pt / student.pt2 (dynamic batch, metadata) and a Hub folder (hub/), and check them against PyTorch on real images."""
-    from lcdistill import artifacts, export as exporter
+    from lcdistill import artifacts, exporters as exporter
     from lcdistill.runfolder import RunFolder
     from lcdistill.data import eval_loader
 
@@ -110,7 +110,7 @@ def _agreement(task, run, reference, batches) -> tuple[int, int]:
 
 def _export_int8(model, task, meta: dict, fp32: Path, data_dir: str, images: int, batch, source: str, weight_bits: int) -> None:
     """student.int8.onnx (student.w4a8.onnx) beside the fp32 file; int8 is judged by agreement, not by a tolerance."""
-    from lcdistill import export as exporter
+    from lcdistill import exporters as exporter
     from lcdistill.quantize import ptq as quant
 
     batches = quant.calibration_batches(task, data_dir, meta, images)
@@ -133,7 +133,7 @@ def _export_qat_int8(loaded, task, meta: dict, fp32: Path, data_dir: str, images
     import onnx
     import torch
 
-    from lcdistill import export as exporter
+    from lcdistill import exporters as exporter
     from lcdistill.quantize import onnx_scales, ptq as quant
     from lcdistill.quantize.prepare import attach
 

@@ -52,7 +52,7 @@ def lipschitz(
 ):
     """Per-stage transmitting-matrix spectral norms (model, teacher, gap) and the per-layer upper bound."""
     from lcdistill.lipschitz.report import for_target
-    from lcdistill.train import eval_runtime
+    from lcdistill.training import eval_runtime
 
     need_data(data)
     result = for_target(target, data, eval_runtime(device).device, teacher, teacher_weights, no_teacher, batches, batch_size, min_stride)
@@ -97,7 +97,7 @@ def report(
     if data and not folder.lipschitz.is_file() and folder.finished():
         from lcdistill.checkpoint import atomic_write_json
         from lcdistill.lipschitz.report import for_target
-        from lcdistill.train import eval_runtime
+        from lcdistill.training import eval_runtime
 
         try:
             lip = for_target(run, data, eval_runtime(device).device)

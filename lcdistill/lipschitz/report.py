@@ -23,7 +23,7 @@ from lcdistill.lipschitz.bounds import network_upper_bound
 from lcdistill.lipschitz.tm import stage_sigmas
 from lcdistill.models import FeatureTap, Stage, find_stages, pair_stages
 from lcdistill.runfolder import RunFolder
-from lcdistill.train.checkpointer import Checkpointer
+from lcdistill.training.checkpointer import Checkpointer
 
 
 def trained_connectors(run_dir: Path, student: nn.Module, teacher: nn.Module, task) -> tuple[list, nn.ModuleList] | None:

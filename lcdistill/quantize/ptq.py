@@ -14,7 +14,7 @@ import torch
 
 from torch.utils.data import Subset
 
-from lcdistill import export
+from lcdistill import exporters
 from lcdistill.checkpoint import atomic_write
 from lcdistill.data import eval_loader
 from lcdistill.defaults import CALIBRATION_IMAGES
@@ -70,7 +70,7 @@ def quantize(fp32: Path, out: Path, batches: list[np.ndarray], source: str = "",
             return next(self.feeds, None)
 
     props = {p.key: p.value for p in onnx.load(str(fp32), load_external_data=False).metadata_props}
-    model_input = export.onnx_session(fp32).get_inputs()[0]
+    model_input = exporters.onnx_session(fp32).get_inputs()[0]
     input_name = model_input.name
     # ORT's symbolic shape inference gives up on computed sizes of a dynamic height/width (segmentation)
     # and then dumps files into the working directory: skip it there, as its own error advises
@@ -113,7 +113,7 @@ def quantize(fp32: Path, out: Path, batches: list[np.ndarray], source: str = "",
     how = {"method": "static", "format": "QDQ", "weights": weights, "weight_bits": weight_bits, "activations": "uint8 per-tensor",
            "float_nodes": "first conv, last matmul",
            "calibration": "minmax", "calibration_images": int(sum(len(b) for b in batches)), "calibration_data": source, **(how or {})}
-    export.set_metadata(proto, {**props, "onnx_opset": str(export.onnx_opset(proto)), "quantization": json.dumps(how)})
+    exporters.set_metadata(proto, {**props, "onnx_opset": str(exporters.onnx_opset(proto)), "quantization": json.dumps(how)})
     onnx.checker.check_model(proto)
     atomic_write(out, lambda tmp: onnx.save_model(proto, tmp))
     return out

@@ -8,9 +8,9 @@ from rich.console import Console
 from rich.markup import escape
 from torch import nn
 
-from lcdistill.evaluate import score
-from lcdistill.train.checkpointer import Checkpointer
-from lcdistill.train.runtime import Runtime
+from lcdistill.measure import score
+from lcdistill.training.checkpointer import Checkpointer
+from lcdistill.training.runtime import Runtime
 
 COLLAPSED_VALIDATIONS = 2  # collapsed validations in a row that earn the warning (once per run)
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from lcdistill.errors import UserError
-from lcdistill.train.runtime import rng_state, set_rng_state
+from lcdistill.training.runtime import rng_state, set_rng_state
 
 
 def fresh_partial() -> dict:

@@ -13,12 +13,12 @@ from timm.utils import dispatch_clip_grad, distribute_bn
 from torch import nn
 
 from lcdistill.runfolder import RunFolder
-from lcdistill.train import setup, state
-from lcdistill.train.checkpointer import Checkpointer
-from lcdistill.train.runlog import RunLog
-from lcdistill.train.runtime import Runtime
-from lcdistill.train.stopper import Stopper
-from lcdistill.train.validator import Validator
+from lcdistill.training import setup, state
+from lcdistill.training.checkpointer import Checkpointer
+from lcdistill.training.runlog import RunLog
+from lcdistill.training.runtime import Runtime
+from lcdistill.training.stopper import Stopper
+from lcdistill.training.validator import Validator
 
 
 class Trainer:

@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 
 from lcdistill.errors import TrainingStopped
-from lcdistill.train.runtime import Runtime
+from lcdistill.training.runtime import Runtime
 
 
 class Stopper:

@@ -14,7 +14,7 @@ from torch import nn
 from lcdistill.data import eval_loader, train_loader
 from lcdistill.data.gpu import on_device
 from lcdistill.errors import UserError
-from lcdistill.train.runtime import Runtime
+from lcdistill.training.runtime import Runtime
 
 
 def local_batch(batch_size: int, images: int, world: int) -> int:
