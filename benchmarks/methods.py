@@ -51,7 +51,7 @@ from lcdistill import models, recipe as recipes, robustness, run as runs, tasks
 from lcdistill.checkpoint import atomic_write_text
 from lcdistill.data import scan, write_digits
 from lcdistill.data.crops import write_digit_crops
-from lcdistill.lipschitz import report as lipschitz_report
+from lcdistill import lipschitz_report
 from publish import publish  # benchmarks/publish.py: scripts run from this folder
 
 # dkd ramps in over 20 epochs, longer than the default run: name it with --methods and --epochs 30

@@ -106,7 +106,8 @@ def plot_lipschitz(plt, lip: dict, path: Path) -> Path:
     stages = lip["stages"]
     x = np.arange(len(stages))
     bars = [("student", [s["model"] for s in stages])]
-    if any(s.get("connected") is not None for s in stages):  # a london run: what the Lipschitz term matched
+    connected = any(s.get("connected") is not None for s in stages)  # a london run: what the Lipschitz term matched
+    if connected:
         bars.append(("student via connectors", [np.nan if s.get("connected") is None else s["connected"] for s in stages]))  # nan: a left-out matrix
     if any(s.get("teacher") is not None for s in stages):
         bars.append(("teacher", [s["teacher"] or 0 for s in stages]))
@@ -114,8 +115,14 @@ def plot_lipschitz(plt, lip: dict, path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(6, 3.6))
     for i, (label, values) in enumerate(bars):
         ax.bar(x + (i - (len(bars) - 1) / 2) * width, values, width, label=label)
+    left_out = [(i, s["connected_note"]) for i, s in enumerate(stages) if connected and s.get("connected") is None and s.get("connected_note")]
+    for i, _ in left_out:  # where the bar would stand: say why there is none
+        ax.annotate("not matched\nin training*", (x[i] + (1 - (len(bars) - 1) / 2) * width, 0), xytext=(0, 4), textcoords="offset points", ha="center", va="bottom",
+                    fontsize=7, rotation=90, color="C1")
     ax.set_xticks(x, [s["name"] for s in stages], rotation=15)
     ax.set(ylabel="TM spectral norm (val mean)", title="per-stage Lipschitz estimate")
+    if left_out:
+        fig.text(0.01, -0.04, "\n".join(f"* {stages[i]['name']}: {note}" for i, note in left_out), fontsize=7, ha="left", va="top", wrap=True)
     ax.grid(alpha=0.3, axis="y")
     ax.legend()
     return save_png(fig, path)

@@ -79,6 +79,11 @@ def test_report_with_eval_and_lipschitz(run, small_data):
     # --data computed the Lipschitz numbers once and kept them
     lip = json.loads((run / "lipschitz.json").read_text())
     assert lip["stages"] and lip["stages"][0]["teacher"] > 0
+    # at 32 px the stride-32 map is 1x1: london left that transmitting matrix out and trained no connector for it,
+    # and the row (and the chart, where the bar would stand) says so
+    *matched, last = lip["stages"]
+    assert all(row["connected"] is not None and "connected_note" not in row for row in matched)
+    assert last["connected"] is None and "1x1 at 32 px" in last["connected_note"] and "london.min_positions 4" in last["connected_note"]
     assert not list(run.glob(".*.tmp")) and not list((run / "plots").glob(".*.tmp"))
 
 

@@ -51,7 +51,7 @@ def lipschitz(
     json_out: bool = JsonObjectOpt,
 ):
     """Per-stage transmitting-matrix spectral norms (model, teacher, gap) and the per-layer upper bound."""
-    from lcdistill.lipschitz.report import for_target
+    from lcdistill.lipschitz_report import for_target
     from lcdistill.training import eval_runtime
 
     need_data(data)
@@ -72,6 +72,9 @@ def lipschitz(
     console.print(table)
     if connected:
         console.print("connected: the student's maps through the run's 1x1 conv + BN connectors, the quantity the Lipschitz term matches")
+        for row in result["stages"]:
+            if row.get("connected_note"):
+                console.print(f"connected {row['name']}: -, {row['connected_note']}")
     ub = result["upper_bound"]
     console.print(f"per-layer upper bound (product of exact layer norms, BN folded): {ub:.3e}" if ub else "per-layer upper bound: 0 or overflow")
 
@@ -96,7 +99,7 @@ def report(
     folder = RunFolder(path)
     if data and not folder.lipschitz.is_file() and folder.finished():
         from lcdistill.checkpoint import atomic_write_json
-        from lcdistill.lipschitz.report import for_target
+        from lcdistill.lipschitz_report import for_target
         from lcdistill.training import eval_runtime
 
         try:

@@ -2,9 +2,9 @@
 
 tm: what training uses, the transmitting-matrix spectral norms of consecutive stages and
 the loss that compares them. norms and bounds: weight-only per-layer operator norms and
-their product over a network, for reporting. report: the `lcdistill lipschitz` measurement
-(import it as `from lcdistill.lipschitz import report`; it is not loaded here, since it
-imports the london method, which imports this package).
+their product over a network, for reporting. The `lcdistill lipschitz` measurement, a command
+that reads run folders and rebuilds their method, lives above the methods in lcdistill.lipschitz_report:
+this package is the maths the london term imports.
 """
 
 from lcdistill.lipschitz.bounds import network_upper_bound

@@ -128,6 +128,12 @@ class London(Term):
     def trains(self) -> bool:
         return bool(self.alpha or self.feature_weight)
 
+    def left_out(self, i: int) -> str | None:
+        """Why transmitting matrix i (stage pair i -> i + 1) is not matched, or None when it is."""
+        if i in self.matrices:
+            return None
+        return f"{self.sides[i + 1] ** 2} position(s) < london.min_positions {self.min_positions}"
+
     def describe(self) -> list[str]:
         lines = [] if self.shared else [f"pair {line}" for line in describe_pairs(self.pairs)]  # with ofd: ofd describes them
         weight = dict(zip(self.matrices, self.pair_weights.tolist()))
@@ -136,7 +142,7 @@ class London(Term):
             side = self.sides[i + 1]
             at = f" ({side}x{side} map at {self.input_size} px)" if side is not None else ""
             lines.append(f"{where}{at}: weight {weight[i]:g}" if i in weight
-                         else f"{where}{at}: left out, {side * side} position(s) < london.min_positions {self.min_positions}")
+                         else f"{where}{at}: left out, {self.left_out(i)}")
         return lines
 
     def connected(self, student_features: list[torch.Tensor], teacher_features: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -10,6 +10,7 @@ Lipschitz term matches, since the connectors' BatchNorm sets the scale the teach
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -26,9 +27,19 @@ from lcdistill.runfolder import RunFolder
 from lcdistill.training.checkpointer import Checkpointer
 
 
-def trained_connectors(run_dir: Path, student: nn.Module, teacher: nn.Module, task) -> tuple[list, nn.ModuleList] | None:
-    """(stage pairs, connectors in eval mode) of a london run, rebuilt from its recipe and loaded from
-    its last checkpoint's method state; None for a run without trained connectors."""
+@dataclass
+class Connected:
+    """A london run's trained connectors: its stage pairs, the connectors (eval mode), and per transmitting
+    matrix (pair i -> i + 1) why the run left it out (None: matched), which has no connector for its deeper stage."""
+
+    pairs: list[tuple[Stage, Stage]]
+    connectors: nn.ModuleList
+    left_out: list[str | None]
+
+
+def trained_connectors(run_dir: Path, student: nn.Module, teacher: nn.Module, task) -> Connected | None:
+    """A london run's connectors, rebuilt from its recipe and loaded from its last checkpoint's method
+    state; None for a run without trained connectors."""
     folder = RunFolder(run_dir)
     if not folder.recipe.is_file() or not folder.last.is_file():
         return None
@@ -45,7 +56,13 @@ def trained_connectors(run_dir: Path, student: nn.Module, teacher: nn.Module, ta
         distiller.load_method_state(state["method"])
     except UserError:  # connectors of another lcdistill version: the report goes without them
         return None
-    return london.pairs, london.connectors.eval()
+    notes = []
+    for i in range(len(london.pairs) - 1):
+        why = london.left_out(i)
+        side = london.sides[i + 1]
+        notes.append(None if why is None else f"not matched in training: the stride-{london.pairs[i + 1][1].stride} map is {side}x{side} at "
+                                              f"{london.input_size} px ({why}), so no connector was trained for it")
+    return Connected(london.pairs, london.connectors.eval(), notes)
 
 
 @torch.no_grad()
@@ -82,13 +99,14 @@ def finite(value: float) -> float | None:
 
 def report(model, model_cfg: dict, teacher, teacher_cfg: dict | None, loader, device, input_size: list[int],
            min_stride: int = 4, batches: int = 4, iterations: int = 20,
-           connected: tuple[list[tuple[Stage, Stage]], nn.ModuleList] | None = None, bound: bool = True, task=None) -> dict:
+           connected: Connected | None = None, bound: bool = True, task=None) -> dict:
     """{"stages": [{"name", "model", "teacher", "gap", ...}], "upper_bound", "teacher_upper_bound"}.
 
-    connected: a london run's (pairs, connectors); rows then also hold "connected" and
-    "connected_gap", and the run's own pairing is used. bound=False skips the per-layer upper bounds."""
+    connected: a london run's connectors; rows then also hold "connected" and "connected_gap" (None with
+    "connected_note", the reason, for a matrix the run left out), and the run's own pairing is used.
+    bound=False skips the per-layer upper bounds."""
     if connected is not None:
-        pairs, connectors = connected
+        pairs, connectors = connected.pairs, connected.connectors
     elif teacher is not None:
         pairs, connectors = pair_stages(find_stages(model), find_stages(teacher), min_stride=min_stride), None
     else:
@@ -115,8 +133,10 @@ def report(model, model_cfg: dict, teacher, teacher_cfg: dict | None, loader, de
         }
         if teacher is not None:
             row["teacher_stages"] = [theirs[i].name, theirs[i + 1].name]
-        if joined is not None:  # None: a matrix london leaves out (min_positions) has no trained connector
+        if joined is not None:  # a matrix london left out (min_positions) has no trained connector: the reason instead
             row["connected"], row["connected_gap"] = (joined[i], joined[i] - ref[i]) if i < len(joined) else (None, None)
+            if i >= len(joined):
+                row["connected_note"] = connected.left_out[i] or "not matched in training: no connector was trained for its deeper stage"
         rows.append(row)
     model.cpu()
     result = {"stages": rows, "upper_bound": finite(network_upper_bound(model, tuple(input_size))["upper_bound"]) if bound else None}
