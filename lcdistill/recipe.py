@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from lcdistill import methods, tasks
+from lcdistill import methods, prune, tasks
 from lcdistill.checkpoint import atomic_write_text
 from lcdistill.errors import UserError
 from lcdistill.specs import split_source
@@ -72,6 +72,13 @@ CORE: dict[str, Any] = {
         "freeze_observers_at": 0.5,  # share of the run after which the activation ranges stay fixed
         "freeze_bn_at": 0.75,  # share of the run after which BatchNorm statistics stay fixed
         "observer_momentum": 0.1,  # moving average of each activation's min / max
+    },
+    "prune": {  # --student prune:R: the teacher cut to at most R of its FLOPs, then distilled (lcdistill/prune.py)
+        "importance": "magnitude",  # the L2 norm of each channel group's weights: needs no data, the same cut on every re-run
+        "steps": 100,  # each step removes 1/steps of every layer's channels, until the FLOPs are at most R
+        "max_ratio": 0.9,  # no layer loses more than this share of its channels
+        "round_to": 8,  # widths stay multiples of this (null: any width; a model with GroupNorm layers to narrow uses null)
+        "keep": [],  # module paths kept whole, besides the task's output layers
     },
     "train": {
         "device": "auto",  # auto | cpu | cuda
@@ -253,6 +260,7 @@ def validate(recipe: dict) -> None:
             raise UserError(f"schedule.{key} must be a positive integer, got {sched[key]!r}", f"pass --set schedule.{key}=N")
     if not isinstance(sched["lr"], (int, float)) or sched["lr"] <= 0:
         raise UserError(f"schedule.lr must be a positive number, got {sched['lr']!r}", "pass --lr X")
+    prune.check(recipe["student"], recipe["prune"])
     qat = recipe["qat"]
     if qat["mode"] not in ("none", "int8"):
         raise UserError(f"unknown qat.mode {qat['mode']!r} (--quantize)", "choose none or int8")

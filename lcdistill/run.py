@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from lcdistill import guardrails, methods, models, recipe as recipes, tasks
+from lcdistill import guardrails, methods, models, prune, recipe as recipes, tasks
 from lcdistill.checkpoint import atomic_write_json, save_weights
 from lcdistill.data.gpu import JpegDataset
 from lcdistill.distributed import replica_check
@@ -73,10 +73,12 @@ def prepare(layers: list[dict], data_dir: str, teacher: str | None, teacher_weig
         raise UserError("train.sync_bn needs CUDA GPUs (SyncBatchNorm cannot sync CPU tensors)", "drop --set train.sync_bn=true on CPU; BN statistics are averaged over processes at each epoch end anyway")
     splits = task.scan(data_dir, skip_bad=recipe["data"]["skip_bad_images"])
     classes = splits.classes
+    ratio = prune.ratio_of(recipe["student"])  # --student prune:R: the student is the teacher, cut
     loaded_teacher = None
-    if methods.needs_teacher(recipe["method"]):
+    if methods.needs_teacher(recipe["method"]) or ratio is not None:
         if not teacher:
-            raise UserError(f"method '{recipe['method']}' needs a teacher", "pass --teacher NAME_OR_RUN, or use --method ce")
+            what = f"--student prune:{ratio} cuts the teacher" if ratio is not None else f"method '{recipe['method']}' needs a teacher"
+            raise UserError(what, "pass --teacher NAME_OR_RUN" + ("" if ratio is not None else ", or use --method ce"))
         loaded_teacher = task.resolve(teacher, len(classes), role="teacher", weights=teacher_weights, pretrained=True)
         if loaded_teacher.classes is not None and loaded_teacher.classes != classes:
             raise UserError(
@@ -85,17 +87,23 @@ def prepare(layers: list[dict], data_dir: str, teacher: str | None, teacher_weig
             )
     torch.manual_seed(recipe["train"]["seed"])
     s = recipe["student"]
-    student = task.resolve(student_spec(s), len(classes), role="student", weights=s["weights"], pretrained=s["pretrained"],
-                           flag="--weights (student.weights in a recipe)", kwargs=s["kwargs"], keep_head=False)
-    init = start_from(student, s, Path(out) if out else None, resume)
+    init, cut = None, None
+    if ratio is None:
+        student = task.resolve(student_spec(s), len(classes), role="student", weights=s["weights"], pretrained=s["pretrained"],
+                               flag="--weights (student.weights in a recipe)", kwargs=s["kwargs"], keep_head=False)
+        init = start_from(student, s, Path(out) if out else None, resume)
+    # Unset sizes follow a teacher run (it was trained at them), else the student's own config (a cut student's is the teacher's).
+    teacher_run = loaded_teacher.meta if loaded_teacher is not None else {}
+    own = (student if ratio is None else loaded_teacher).data_config
+    input_size = recipe["data"]["input_size"] or teacher_run.get("input_size", own["input_size"])[-1]
+    crop_pct = recipe["data"]["crop_pct"] or teacher_run.get("crop_pct", own["crop_pct"])
+    recipe["data"]["input_size"], recipe["data"]["crop_pct"] = int(input_size), float(crop_pct)
+    if ratio is not None:  # cut once, at the size the run trains at; a resumed run rebuilds the cut from inputs.json
+        task.configure(loaded_teacher, int(input_size))
+        student, cut = cut_student(loaded_teacher, ratio, recipe["prune"], task, int(input_size), Path(out) if out and resume else None)
+    student.data_config["crop_pct"] = float(crop_pct)
     if recipe["train"]["sync_bn"] and runtime.world > 1:
         student.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(student.model)
-    # Unset sizes follow a teacher run (it was trained at them), else the student's own config.
-    teacher_run = loaded_teacher.meta if loaded_teacher is not None else {}
-    input_size = recipe["data"]["input_size"] or teacher_run.get("input_size", student.data_config["input_size"])[-1]
-    crop_pct = recipe["data"]["crop_pct"] or teacher_run.get("crop_pct", student.data_config["crop_pct"])
-    recipe["data"]["input_size"], recipe["data"]["crop_pct"] = int(input_size), float(crop_pct)
-    student.data_config["crop_pct"] = float(crop_pct)
     for loaded in (student, loaded_teacher):  # a detector resizes to the input size inside (teacher and student alike)
         if loaded is not None:
             task.configure(loaded, int(input_size))
@@ -108,9 +116,21 @@ def prepare(layers: list[dict], data_dir: str, teacher: str | None, teacher_weig
     if not resume and run_dir.exists() and any(run_dir.iterdir()):
         raise UserError(f"run folder {run_dir} already exists and is not empty", f"continue it with --resume {run_dir}, or choose another --out")
     inputs = {"data": str(Path(data_dir).resolve()), "teacher": teacher, "teacher_weights": teacher_weights, "classes": classes,
-              "skipped_files": splits.skipped, **({"init": init} if init else {}), **qat.base_input(recipe)}
+              "skipped_files": splits.skipped, **({"init": init} if init else {}), **({"prune": cut} if cut else {}), **qat.base_input(recipe)}
     return Prepared(recipe, inputs, task, splits, student, loaded_teacher, int(input_size), RunFolder(run_dir), runtime,
                     method_note(task, layers), init, qat.hook(recipe, task, int(input_size), len(splits.train.samples), runtime.world))
+
+
+def cut_student(teacher: models.Loaded, ratio: float, settings: dict, task: Task, input_size: int, resumed: Path | None) -> tuple[models.Loaded, dict]:
+    """The student cut from the teacher (its record for inputs.json); a resumed run's, rebuilt from that record without the pruner."""
+    if resumed is not None and RunFolder(resumed).inputs.is_file():
+        try:
+            record = json.loads(RunFolder(resumed).inputs.read_text()).get("prune")
+        except (json.JSONDecodeError, AttributeError):
+            record = None
+        return prune.rebuilt(record, teacher), record
+    done = prune.cut(teacher, ratio, settings, task, input_size)
+    return done.student, {**done.record(), "line": done.line(input_size)}
 
 
 def start_from(student: models.Loaded, s: dict, run_dir: Path | None, resume: bool) -> dict | None:
@@ -192,6 +212,8 @@ def run(p: Prepared, console: Console, resume: bool = False) -> dict:
                       + f", {len(p.splits.train.samples)} train / {len(p.splits.val.samples)} val images, {len(p.splits.classes)} classes, {p.input_size}px, {rt.device}")
         if p.init:
             console.print(f"  {escape(init_line(p.init))}")
+        if p.inputs.get("prune"):
+            console.print(f"  cut from the teacher: {escape(p.inputs['prune']['line'])}")
         if p.qat:
             console.print(f"  {escape(qat.line(p.qat.report))}")
         for line in distiller.describe():

@@ -2,12 +2,12 @@
 
 loaded: Loaded and the weights-file loader (no family, no task). registry: the per-task family registry
 (parse a name, build, data config, stages, Hub card code). classifiers, segmentation, detection: the families,
-registered on import. hub: which library builds a name, pretrained weights (offline-safe). runs:
+registered on import; pruned: students cut from their teacher, rebuilt from a JSON shape description. hub: which library builds a name, pretrained weights (offline-safe). runs:
 run folders and student files as models, resolve/rebuild. stages/probe: stage discovery and pairing
 for LONDON. taps: FeatureTap.
 """
 
-from lcdistill.models import classifiers, detection, segmentation  # noqa: F401  (each registers its family)
+from lcdistill.models import classifiers, detection, pruned, segmentation  # noqa: F401  (each registers its family)
 from lcdistill.models.classifiers import data_config
 from lcdistill.models.registry import build, families, family_of, parse
 from lcdistill.models.hub import resolve_source, torchvision_names

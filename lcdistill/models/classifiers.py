@@ -73,6 +73,8 @@ class Classifiers(Family):
 
     def parse(self, spec: str) -> dict | None:
         source, name = split_source(spec)
+        if source not in ("timm", "tv", "auto"):
+            return None  # prune:R is the cut teacher's (lcdistill.prune)
         known = timm.is_model(name) or name in torchvision_names()
         if source == "tv" and name not in torchvision_names():
             return None  # torchvision's segmentation and detection models are other families'

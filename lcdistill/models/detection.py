@@ -223,6 +223,19 @@ class Detectors(Family):
             found.append("head.classification_head")
         return found
 
+    def prune_kept(self, model: nn.Module) -> list[str]:
+        """The class and box outputs, and the FPN (its widths stay the teacher's, so pkd and cwd still pair its levels)."""
+        if not isinstance(model, (FCOS, RetinaNet)):
+            raise UserError(f"--student prune:R cuts FCOS and RetinaNet detectors, not {type(model).__name__}",
+                            "pass a det:FCOS:... or det:RetinaNet:... teacher, or name a student")
+        names = {n for n, _ in model.named_modules()}
+        outputs = ("head.regression_head.bbox_reg", "head.regression_head.bbox_ctrness", "backbone.fpn")
+        return self.class_layers(model) + [n for n in outputs if n in names]
+
+    def prune_forward(self, model: nn.Module):
+        """The backbone and the dense head on a batch: the full forward resizes a list of images and post-processes."""
+        return lambda m, x: m.head(list(m.backbone(x).values()))
+
     def stages(self, model: nn.Module, probe_size: int):
         """The backbone's stages (before the FPN), found by probing the backbone body alone: a detector's
         own forward wants a list of images and resizes them."""

@@ -56,6 +56,14 @@ class Family:
         better answer than probing."""
         return None
 
+    def prune_kept(self, model: nn.Module) -> list[str]:
+        """Module paths `--student prune:R` keeps whole: the layers whose outputs the task reads (class scores)."""
+        return self.class_layers(model)
+
+    def prune_forward(self, model: nn.Module):
+        """How the pruner runs model on an example batch (fn(model, x)), None for model(x)."""
+        return None
+
     def library(self, arch: dict) -> str:
         """The pip package that builds arch (a Hub card's library_name)."""
         return {"timm": "timm", "tv": "torchvision"}.get(arch["source"], "lcdistill")
