@@ -20,8 +20,9 @@ from typing import Callable
 
 import torch
 
-from lcdistill import exporters as export, models, recipe as recipes, tasks
+from lcdistill import exporters as export, models, prune, recipe as recipes, tasks
 from lcdistill.errors import UserError
+from lcdistill.specs import split_source
 from lcdistill.measure import flops
 
 RUNTIMES = ("onnxruntime", "torch")
@@ -50,17 +51,25 @@ class Row:
     error: str | None = None
 
 
+PRUNE_RATIOS = (0.75, 0.5, 0.25)  # the cuts of the teacher listed beside the named students
+
+
 def _key(spec: str, task) -> tuple[str, str]:
     """(library, name) of a model name of the task, or the one-line error for a name none of its families builds."""
+    source, ratio = split_source(spec)
+    if source == prune.SOURCE:
+        prune.check({"source": source, "name": ratio}, recipes.default_recipe()["prune"])
+        return source, str(float(ratio))
     found = models.parse(spec, task.name)
     if found is None:
         raise (models.families(task.name) or models.families())[0].unknown(spec)
     return found[1]["source"], found[1]["name"]
 
 
-def candidates(only: list[str] | None = None, task=None) -> list[Candidate]:
+def candidates(only: list[str] | None = None, task=None, teacher: bool = False) -> list[Candidate]:
     """The shipped recipes' students for the task and its families' curated models, one row per
-    architecture (a recipe's name wins); or just the models / recipes named in `only`."""
+    architecture (a recipe's name wins), and with a teacher its prune:R cuts; or just the models /
+    recipes named in `only`."""
     task = task or tasks.get(tasks.LEGACY)
     shipped = {}
     for recipe_name, path in recipes.list_recipes().items():
@@ -85,6 +94,8 @@ def candidates(only: list[str] | None = None, task=None) -> list[Candidate]:
     for family in models.families(task.name):
         for source, model in family.curated:
             found.setdefault((source, model), Candidate(f"{source}:{model}", source, model))
+    for ratio in PRUNE_RATIOS if teacher else ():
+        found.setdefault((prune.SOURCE, str(ratio)), Candidate(f"{prune.SOURCE}:{ratio}", prune.SOURCE, str(ratio)))
     return list(found.values())
 
 
@@ -144,17 +155,24 @@ def survey(task, classes: list[str], input_size: int, runtime: str, cands: list[
         raise UserError(f"unknown --runtime '{runtime}'", f"choose {' or '.join(RUNTIMES)}")
     size = [3, input_size, input_size]
     todo: list[tuple[Candidate, Callable[[], models.Loaded]]] = []
+    t = None
     if teacher:
         t = task.resolve(teacher, len(classes), pretrained=False)  # random weights: its speed, not its accuracy
+        task.configure(t, input_size)
         todo.append((Candidate(teacher, t.arch["source"], t.arch["name"], role="teacher"), lambda t=t: t))
-    for c in cands:
-        todo.append((c, lambda c=c: task.resolve(f"{c.source}:{c.name}", len(classes), pretrained=False, keep_head=False)))
+    if t is None and any(c.source == prune.SOURCE for c in cands):
+        raise UserError("prune:R candidates are cuts of the teacher", "pass --teacher NAME_OR_RUN")
+    settings = recipes.default_recipe()["prune"]
+    for c in cands:  # a cut's widths follow from R and the architecture alone (local pruning), so random weights cut the same
+        todo.append((c, (lambda c=c: prune.cut(t, float(c.name), settings, task, input_size).student) if c.source == prune.SOURCE else
+                     (lambda c=c: task.resolve(f"{c.source}:{c.name}", len(classes), pretrained=False, keep_head=False))))
     rows, calls, timed = [], [], []
     with tempfile.TemporaryDirectory(prefix="lcdistill-students-") as tmp:
         for cand, build in todo:
             if progress:
                 progress(cand.student)
-            row = Row(cand.student, f"{cand.source}:{cand.name}", cand.role, cand.recipe)
+            row = Row(cand.student, f"{cand.source}:{cand.name}" if cand.source != prune.SOURCE else f"{t.arch['source']}:{t.arch['name']} cut",
+                      cand.role, cand.recipe)
             try:
                 torch.manual_seed(0)
                 loaded = build()

@@ -15,11 +15,11 @@ from lcdistill.errors import UserError
 @user_errors
 def students(
     data: Optional[str] = DataOpt,
-    teacher: Optional[str] = typer.Option(None, "--teacher", help="Teacher (name or run folder) measured beside them for scale."),
+    teacher: Optional[str] = typer.Option(None, "--teacher", help="Teacher (name or run folder) measured beside them for scale, with its prune:R cuts."),
     input_size: Optional[int] = typer.Option(None, "--input-size", help="Square input side (default: the teacher run's, else near the training images' own size)."),
     max_latency_ms: Optional[float] = typer.Option(None, "--max-latency-ms", help="Latency budget at batch 1: candidates within it are marked."),
     runtime: str = typer.Option("onnxruntime", "--runtime", help="onnxruntime (each candidate exported to ONNX first) | torch (eager)."),
-    model: Optional[List[str]] = typer.Option(None, "--model", help="Measure only these recipes / timm / torchvision names (repeatable)."),
+    model: Optional[List[str]] = typer.Option(None, "--model", help="Measure only these recipes / timm / torchvision names, or prune:R (the teacher cut to R of its FLOPs) (repeatable)."),
     repeats: int = typer.Option(20, "--repeats", help="Timed batch-1 calls per candidate (the median is shown)."),
     task_name: str = typer.Option("auto", "--task", help="auto | classification | segmentation | detection (auto: from the data layout and the models named)."),
     json_out: bool = JsonObjectOpt,
@@ -41,7 +41,7 @@ def students(
         raise UserError(f"--repeats {repeats} is below 1", "pass --repeats 20 or so")
     task = tasks.for_data(task_name, data, (*(model or []), teacher))
     splits = task.scan(data, check=False)
-    cands = survey.candidates(model, task)
+    cands = survey.candidates(model, task, teacher=bool(teacher))
     why = "--input-size"
     if input_size is None:
         teacher_meta = _run_meta(teacher)
