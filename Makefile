@@ -6,7 +6,7 @@ DEMO := runs/demo
 # digits are 32x32 centred strokes: no flips, mild crops, no eval centre-crop
 DIGITS := --input-size 32 --batch-size 64 --set data.hflip=0 --set "data.scale=[0.6,1.0]" --set data.crop_pct=1.0 --set schedule.warmup_epochs=2
 
-.PHONY: venv demo demo-qat demo-seg demo-det test clean
+.PHONY: venv demo demo-qat demo-prune demo-seg demo-det test clean
 
 venv: $(BIN)/.installed
 
@@ -114,6 +114,27 @@ demo-qat: venv
 	$(BIN)/lcdistill export $(QAT_DEMO)/student-qat --format onnx --quantize int8
 	$(BIN)/lcdistill eval $(QAT_DEMO)/student-qat --data $(QAT_DEMO)/digits --save $(QAT_DEMO)/eval.json
 	$(BIN)/lcdistill report $(QAT_DEMO)/student-qat --eval $(QAT_DEMO)/eval.json
+
+# A student cut from the teacher: `make demo`'s resnet18 teacher with channels removed until a quarter of its FLOPs
+# are left (--student prune:0.25, Torch-Pruning by weight magnitude), distilled from the unpruned teacher with the
+# task's default method; then the same cut distilled quantization-aware in one command (--quantize int8) and shipped
+# as int8. `eval` shows each beside its teacher, with ONNX and int8 latency. Figures: benchmarks/RESULTS.md
+# (benchmarks/prune.py holds the several-seed comparison with named students of the same FLOPs).
+PRUNE_DEMO ?= runs/demo-prune
+
+demo-prune: venv
+	rm -rf $(PRUNE_DEMO)
+	$(BIN)/lcdistill data digits $(PRUNE_DEMO)/digits
+	$(BIN)/lcdistill train --model resnet18 --data $(PRUNE_DEMO)/digits --epochs 10 --lr 0.1 $(DIGITS) --out $(PRUNE_DEMO)/teacher
+	$(BIN)/lcdistill students --data $(PRUNE_DEMO)/digits --teacher $(PRUNE_DEMO)/teacher --model prune:0.25 --model efficientnet_b0
+	$(BIN)/lcdistill compress --teacher $(PRUNE_DEMO)/teacher --student prune:0.25 --data $(PRUNE_DEMO)/digits \
+		--epochs 15 --lr 0.02 $(DIGITS) --out $(PRUNE_DEMO)/student
+	$(BIN)/lcdistill export $(PRUNE_DEMO)/student --format onnx --quantize int8
+	$(BIN)/lcdistill eval $(PRUNE_DEMO)/student --data $(PRUNE_DEMO)/digits --save $(PRUNE_DEMO)/eval.json
+	$(BIN)/lcdistill compress --teacher $(PRUNE_DEMO)/teacher --student prune:0.25 --data $(PRUNE_DEMO)/digits \
+		--epochs 15 --lr 0.02 $(DIGITS) --quantize int8 --out $(PRUNE_DEMO)/student-qat
+	$(BIN)/lcdistill export $(PRUNE_DEMO)/student-qat --format onnx --quantize int8
+	$(BIN)/lcdistill eval $(PRUNE_DEMO)/student-qat --data $(PRUNE_DEMO)/digits --save $(PRUNE_DEMO)/eval-qat.json
 
 # two pytest workers, one per core (each test runs on one thread); a file stays in one worker so its fixtures are made once
 test: venv
