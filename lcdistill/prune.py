@@ -35,14 +35,16 @@ class Cut:
     flops: int
     steps: int
     narrowed: int  # modules narrowed
+    kept: dict[str, list[int]]  # each BatchNorm's surviving channels, as the teacher's channel indices
 
     @property
-    def kept(self) -> float:
+    def share(self) -> float:
+        """The teacher's FLOPs the cut kept."""
         return self.flops / self.teacher_flops
 
     def line(self, size: int) -> str:
         return (f"{self.narrowed} layers narrowed in {self.steps} steps: {self.teacher_flops / 1e6:.1f} -> {self.flops / 1e6:.1f} "
-                f"MFLOPs ({self.kept:.3f} of the teacher's) at {size} px")
+                f"MFLOPs ({self.share:.3f} of the teacher's) at {size} px")
 
     def record(self) -> dict:
         """What inputs.json keeps so that --resume rebuilds the same student without the pruner."""
@@ -77,6 +79,8 @@ def check(student: dict, settings: dict) -> None:
             raise UserError(f"prune.{key} must be a whole number >= 1, got {value!r}", f"pass --set prune.{key}={example}")
     if not isinstance(settings["max_ratio"], (int, float)) or not 0 < settings["max_ratio"] < 1:
         raise UserError(f"prune.max_ratio must be a number between 0 and 1, got {settings['max_ratio']!r}", "pass --set prune.max_ratio=0.9")
+    if settings["connectors"] not in ("random", "select"):
+        raise UserError(f"unknown prune.connectors {settings['connectors']!r}", "pass --set prune.connectors=random or select")
     if not isinstance(settings["keep"], list) or not all(isinstance(k, str) for k in settings["keep"]):
         raise UserError(f"prune.keep must be a list of module paths, got {settings['keep']!r}", "pass e.g. --set 'prune.keep=[layer1]'")
 
@@ -101,6 +105,7 @@ def cut(teacher: models.Loaded, ratio: float, settings: dict, task: Task, input_
     grouped = any(isinstance(m, nn.GroupNorm) and id(m) not in whole for m in model.modules())
     round_to = None if grouped else settings["round_to"]
     base = flops(model, example)
+    means = _tag(model)
     try:
         with torch.enable_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # its notes on parameters it cannot place: a model it cuts wrong is refused below
@@ -120,12 +125,64 @@ def cut(teacher: models.Loaded, ratio: float, settings: dict, task: Task, input_
     if now > ratio * base:
         raise UserError(f"prune:{ratio}: the cut stops at {now / base:.3f} of the teacher's FLOPs (every layer at prune.max_ratio "
                         f"{settings['max_ratio']} of its channels removed)", f"pass a larger R (>= {now / base:.2f}) or raise prune.max_ratio")
+    kept = _untag(model, means)
     refresh(model.eval())
     arch = {"source": "pruned", "name": family.spec_of(base_arch(teacher.arch)),
             "kwargs": {"base": teacher.arch, "ratio": ratio, "shapes": _shapes(model, teacher, example)}}
     origin = f"prune:{ratio} of {teacher.origin}"
     loaded = models.Loaded(model, arch, teacher.num_classes, copy.deepcopy(teacher.data_config), origin, dict(arch))
-    return Cut(loaded, base, now, steps, len(arch["kwargs"]["shapes"]))
+    return Cut(loaded, base, now, steps, len(arch["kwargs"]["shapes"]), kept)
+
+
+def _batchnorms(model: nn.Module) -> dict[str, nn.modules.batchnorm._BatchNorm]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None}
+
+
+@torch.no_grad()
+def _tag(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Each BatchNorm's running mean replaced by its channel numbers (the pruner slices it with the channels it
+    keeps, and magnitude importance never reads it); the real means returned."""
+    means = {}
+    for name, bn in _batchnorms(model).items():
+        means[name] = bn.running_mean.clone()
+        bn.running_mean.copy_(torch.arange(bn.num_features, dtype=bn.running_mean.dtype))
+    return means
+
+
+@torch.no_grad()
+def _untag(model: nn.Module, means: dict[str, torch.Tensor]) -> dict[str, list[int]]:
+    """The teacher's channel indices each BatchNorm kept; its real running mean, sliced alike, put back."""
+    kept = {}
+    for name, bn in _batchnorms(model).items():
+        ids = bn.running_mean.round().long()
+        kept[name] = ids.tolist()
+        bn.running_mean.copy_(means[name][ids])
+    return kept
+
+
+def channels_of(kept: dict[str, list[int]], module: str) -> list[int] | None:
+    """The teacher's channel indices of a cut module's output: its last BatchNorm's (a block's output is its
+    last norm's channels, summed with the shortcut's, which the pruner cuts alike), None when it has none."""
+    inside = [n for n in kept if n == module or n.startswith(module + ".")]
+    return kept[inside[-1]] if inside else None
+
+
+@torch.no_grad()
+def select_connectors(terms, kept: dict[str, list[int]]) -> int:
+    """Start each feature term's 1x1 connectors as the selection of the teacher's kept channels (student channel i
+    -> teacher channel kept[i]), instead of at random: prune.connectors=select. How many were set."""
+    done = 0
+    for term in terms:
+        connectors = getattr(term, "connectors", None)
+        for conn, (s, t) in zip(connectors or [], getattr(term, "pairs", [])):
+            ids = channels_of(kept, s.name.split(":")[0])
+            conv = conn[0]
+            if ids is None or len(ids) != s.channels or max(ids) >= t.channels or tuple(conv.weight.shape[:2]) != (t.channels, s.channels):
+                continue
+            conv.weight.zero_()
+            conv.weight[ids, list(range(s.channels)), 0, 0] = 1.0
+            done += 1
+    return done
 
 
 @torch.no_grad()

@@ -79,6 +79,7 @@ CORE: dict[str, Any] = {
         "max_ratio": 0.9,  # no layer loses more than this share of its channels
         "round_to": 8,  # widths stay multiples of this (null: any width; a model with GroupNorm layers to narrow uses null)
         "keep": [],  # module paths kept whole, besides the task's output layers
+        "connectors": "random",  # random | select: feature terms' 1x1 connectors start as the selection of the teacher's kept channels
     },
     "train": {
         "device": "auto",  # auto | cpu | cuda

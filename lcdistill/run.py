@@ -46,6 +46,7 @@ class Prepared:
     method_note: str = ""  # why this method, when no layer named one (the task's default)
     init: dict | None = None  # what --init loaded (models.transfer.InitReport.as_dict)
     qat: qat.Hook | None = None  # quantization-aware training's Trainer hooks (--quantize int8)
+    kept: dict | None = None  # a cut student's surviving teacher channels per BatchNorm (fresh runs; prune.connectors=select)
 
 
 def default_run_dir(recipe: dict) -> Path:
@@ -87,7 +88,7 @@ def prepare(layers: list[dict], data_dir: str, teacher: str | None, teacher_weig
             )
     torch.manual_seed(recipe["train"]["seed"])
     s = recipe["student"]
-    init, cut = None, None
+    init, cut, kept = None, None, None
     if ratio is None:
         student = task.resolve(student_spec(s), len(classes), role="student", weights=s["weights"], pretrained=s["pretrained"],
                                flag="--weights (student.weights in a recipe)", kwargs=s["kwargs"], keep_head=False)
@@ -100,7 +101,7 @@ def prepare(layers: list[dict], data_dir: str, teacher: str | None, teacher_weig
     recipe["data"]["input_size"], recipe["data"]["crop_pct"] = int(input_size), float(crop_pct)
     if ratio is not None:  # cut once, at the size the run trains at; a resumed run rebuilds the cut from inputs.json
         task.configure(loaded_teacher, int(input_size))
-        student, cut = cut_student(loaded_teacher, ratio, recipe["prune"], task, int(input_size), Path(out) if out and resume else None)
+        student, cut, kept = cut_student(loaded_teacher, ratio, recipe["prune"], task, int(input_size), Path(out) if out and resume else None)
     student.data_config["crop_pct"] = float(crop_pct)
     if recipe["train"]["sync_bn"] and runtime.world > 1:
         student.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(student.model)
@@ -118,19 +119,21 @@ def prepare(layers: list[dict], data_dir: str, teacher: str | None, teacher_weig
     inputs = {"data": str(Path(data_dir).resolve()), "teacher": teacher, "teacher_weights": teacher_weights, "classes": classes,
               "skipped_files": splits.skipped, **({"init": init} if init else {}), **({"prune": cut} if cut else {}), **qat.base_input(recipe)}
     return Prepared(recipe, inputs, task, splits, student, loaded_teacher, int(input_size), RunFolder(run_dir), runtime,
-                    method_note(task, layers), init, qat.hook(recipe, task, int(input_size), len(splits.train.samples), runtime.world))
+                    method_note(task, layers), init, qat.hook(recipe, task, int(input_size), len(splits.train.samples), runtime.world), kept)
 
 
-def cut_student(teacher: models.Loaded, ratio: float, settings: dict, task: Task, input_size: int, resumed: Path | None) -> tuple[models.Loaded, dict]:
-    """The student cut from the teacher (its record for inputs.json); a resumed run's, rebuilt from that record without the pruner."""
+def cut_student(teacher: models.Loaded, ratio: float, settings: dict, task: Task, input_size: int,
+                resumed: Path | None) -> tuple[models.Loaded, dict, dict | None]:
+    """The student cut from the teacher, its record for inputs.json and the teacher channels it kept; a resumed
+    run's, rebuilt from that record without the pruner."""
     if resumed is not None and RunFolder(resumed).inputs.is_file():
         try:
             record = json.loads(RunFolder(resumed).inputs.read_text()).get("prune")
         except (json.JSONDecodeError, AttributeError):
             record = None
-        return prune.rebuilt(record, teacher), record
+        return prune.rebuilt(record, teacher), record, None
     done = prune.cut(teacher, ratio, settings, task, input_size)
-    return done.student, {**done.record(), "line": done.line(input_size)}
+    return done.student, {**done.record(), "line": done.line(input_size)}, done.kept
 
 
 def start_from(student: models.Loaded, s: dict, run_dir: Path | None, resume: bool) -> dict | None:
@@ -185,7 +188,10 @@ def load_resume(run_dir: str) -> tuple[dict, dict]:
 def build_distiller(p: Prepared):
     teacher = p.teacher.model if p.teacher else None
     teacher_cfg = p.teacher.data_config if p.teacher else None
-    return methods.build(p.recipe, p.task, p.student.model, teacher, p.student.data_config, teacher_cfg)
+    distiller = methods.build(p.recipe, p.task, p.student.model, teacher, p.student.data_config, teacher_cfg)
+    if p.kept and p.recipe["prune"]["connectors"] == "select":  # a resumed run's connectors come from its checkpoint
+        prune.select_connectors(distiller.terms, p.kept)
+    return distiller
 
 
 def run(p: Prepared, console: Console, resume: bool = False) -> dict:

@@ -60,7 +60,7 @@ def test_the_cut_keeps_at_most_r_of_the_flops_in_multiples_of_8(ratio):
 ])
 def test_every_task_s_models_are_cut_and_rebuilt_from_their_json_bit_for_bit(spec, task, size):
     teacher, done, t = cut(spec, task, size, 0.5, classes=11 if task == "segmentation" else 10)
-    assert done.kept <= 0.5
+    assert done.share <= 0.5
     arch = json.loads(json.dumps(done.student.arch))  # what student.json holds
     rebuilt = models.build(arch, done.student.num_classes)
     rebuilt.load_state_dict(done.student.model.state_dict())  # strict: every shape fits
@@ -204,3 +204,29 @@ def test_students_lists_the_teacher_s_cuts(teacher_run, small_data):
     teacher, cut_row = rows[str(teacher_run)], rows["prune:0.5"]
     assert cut_row["error"] is None and cut_row["flops"] <= 0.5 * teacher["flops"] and cut_row["params"] < teacher["params"]
     assert cut_row["latency_ms"] > 0 and "mobilenetv2_050" in " ".join(rows)
+
+
+def test_the_cut_knows_which_teacher_channels_it_kept_and_select_connectors_start_as_that_selection():
+    teacher, done, task = cut("resnet18", "classification", 32, 0.5)
+    bn = done.student.model.layer1[0].bn1
+    ids = done.kept["layer1.0.bn1"]
+    assert len(ids) == bn.num_features < 64 and ids == sorted(set(ids))
+    assert torch.equal(bn.weight, teacher.model.layer1[0].bn1.weight[ids])  # the pruner's slice, read back off the tagged means
+    assert torch.equal(bn.running_mean, teacher.model.layer1[0].bn1.running_mean[ids])  # and the real means put back
+    recipe = recipes.build([{"method": "london", "student": {"source": "prune", "name": "0.5"}, "data": {"input_size": 32}}])
+    from lcdistill import methods
+
+    distiller = methods.build(recipe, task, done.student.model, teacher.model, done.student.data_config, teacher.data_config)
+    term = next(t for t in distiller.terms if t.name == "london")
+    assert prune.select_connectors(distiller.terms, done.kept) == len(term.connectors) > 0
+    student_maps = {}
+    hooks = [done.student.model.get_submodule(s.name).register_forward_hook(lambda m, i, o, n=s.name: student_maps.setdefault(n, o))
+             for s, _ in term.pairs[:len(term.connectors)]]
+    done.student.model.eval()(torch.randn(2, 3, 32, 32))
+    for hook in hooks:
+        hook.remove()
+    for conn, (s, t) in zip(term.connectors, term.pairs):
+        mapped = torch.nn.functional.conv2d(student_maps[s.name], conn[0].weight)  # the connector's conv: channel i lands on kept[i]
+        ids = prune.channels_of(done.kept, s.name)
+        assert torch.equal(mapped[:, ids], student_maps[s.name]) and mapped.shape[1] == t.channels
+        assert not mapped[:, [c for c in range(t.channels) if c not in ids]].any()
