@@ -98,10 +98,10 @@ def cut(teacher: models.Loaded, ratio: float, settings: dict, task: Task, input_
     missing = [k for k in settings["keep"] if k not in names]
     if missing:
         raise UserError(f"prune.keep names {missing[0]!r}, which {teacher.origin} does not have", "pass module paths of the teacher (see `lcdistill lipschitz` for its stages)")
-    kept = [names[k] for k in [*family.prune_kept(model), *settings["keep"]]]
-    # Torch-Pruning 1.6.1 rounds a GroupNorm's per-group share to round_to channels of the whole layer, so with
-    # round_to a GroupNorm is never narrowed (FCOS's head towers, smp FPN's decoder); GroupNorm groups are kept whole anyway.
-    whole = {id(m) for k in kept for m in k.modules()}
+    whole_layers = [names[k] for k in [*family.prune_kept(model), *settings["keep"]]]
+    # Torch-Pruning 1.6.1 rounds a GroupNorm's per-group share up to round_to channels of the whole layer, so with
+    # round_to set a GroupNorm is never narrowed (FCOS's head towers, smp FPN's decoder): such models are cut at any width.
+    whole = {id(m) for k in whole_layers for m in k.modules()}
     grouped = any(isinstance(m, nn.GroupNorm) and id(m) not in whole for m in model.modules())
     round_to = None if grouped else settings["round_to"]
     base = flops(model, example)
@@ -111,7 +111,7 @@ def cut(teacher: models.Loaded, ratio: float, settings: dict, task: Task, input_
             warnings.simplefilter("ignore")  # its notes on parameters it cannot place: a model it cuts wrong is refused below
             pruner = tp.pruner.BasePruner(
                 model, example, importance=tp.importance.GroupMagnitudeImportance(p=2), pruning_ratio=1.0,
-                iterative_steps=settings["steps"], max_pruning_ratio=settings["max_ratio"], ignored_layers=kept, round_to=round_to,
+                iterative_steps=settings["steps"], max_pruning_ratio=settings["max_ratio"], ignored_layers=whole_layers, round_to=round_to,
                 forward_fn=family.prune_forward(model))
             now, steps = base, 0
             while now > ratio * base and pruner.current_step < settings["steps"]:
