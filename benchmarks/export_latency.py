@@ -83,13 +83,13 @@ def main() -> None:
         loader = eval_loader(task.eval_dataset(val, meta), 128, 0)
         top1 = {name: measure.score(p, loader, torch.device("cpu"), meta["mean"], meta["std"], task.metric(len(meta["classes"])), task)["top1"]
                 for name, (p, _) in runtimes.items()}
-        sizes = {name: evaluate.file_size(str(f)) for name, (_, f) in runtimes.items()}
+        sizes = {name: measure.file_size(str(f)) for name, (_, f) in runtimes.items()}
         inputs = {b: torch.randn(b, *meta["input_size"], generator=torch.Generator().manual_seed(b)) for b in (1, args.batch)}
         times: dict[tuple[str, int], list[float]] = {(n, b): [] for n in runtimes for b in inputs}
         for _ in range(args.rounds):
             for name, (predict, _) in runtimes.items():
                 for b, x in inputs.items():
-                    times[(name, b)].append(evaluate.time_call(lambda: predict(x), warmup=2, repeats=10 if b == 1 else 3))
+                    times[(name, b)].append(measure.time_call(lambda: predict(x), warmup=2, repeats=10 if b == 1 else 3))
     load_after = os.getloadavg()
     ms = {key: statistics.median(v) for key, v in times.items()}
 

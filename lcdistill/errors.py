@@ -24,3 +24,9 @@ class TrainingStopped(UserError):
     def __init__(self, message: str, fix: str = "", exit_code: int = 1):
         super().__init__(message, fix)
         self.exit_code = exit_code
+
+
+class ParityError(UserError):
+    """An exported file's output differs from PyTorch's beyond the tolerance (exit code 1: not a usage mistake)."""
+
+    exit_code = 1

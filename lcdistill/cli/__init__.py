@@ -15,7 +15,7 @@ from lcdistill.cli import data, evaluate, export, inspect, students, train
 from lcdistill.cli.common import fail
 
 app = typer.Typer(
-    help="Compress pretrained vision models (image classifiers, segmentation models) with Lipschitz-continuity-guided knowledge distillation (LONDON).",
+    help="Compress pretrained vision models (image classifiers, segmentation models, object detectors) with Lipschitz-continuity-guided knowledge distillation (LONDON).",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,

@@ -12,7 +12,9 @@ from typing import List, Optional
 import typer
 from rich.console import Console
 
+from lcdistill.api import need_data  # noqa: F401  (the commands' one check of --data)
 from lcdistill.errors import UserError
+from lcdistill.options import TRAINING as OPTIONS
 
 
 def fail(message: str, code: int = 2) -> None:
@@ -35,28 +37,6 @@ def user_errors(command):
     return wrapper
 
 
-def need_data(data: str | None) -> str:
-    if data is None:
-        raise UserError("--data is missing", "pass --data DIR holding train/ and val/ (e.g. `lcdistill data digits data/digits`)")
-    return data
-
-
-def overrides(flags: dict, sets: list[str] | None) -> list[dict]:
-    """Recipe layers from CLI flags (only those given) and --set KEY=VALUE pairs."""
-    from lcdistill.recipe import parse_override
-
-    layer: dict = {}
-    for dotted, value in flags.items():
-        if value is None:
-            continue
-        node = layer
-        *parents, leaf = dotted.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return [layer] + [parse_override(s) for s in sets or []]
-
-
 def console_for(json_out: bool = False) -> Console:
     # Logs and pipes get 120 columns instead of rich's 80, so tables keep whole names.
     stream = sys.stderr if json_out else sys.stdout
@@ -72,44 +52,20 @@ EvalDeviceOpt = typer.Option("auto", "--device")
 EvalBatchOpt = typer.Option(64, "--batch-size", "-b")
 JsonObjectOpt = typer.Option(False, "--json", help="Print one JSON object on stdout.")
 
-# The training options `compress` and `train` share: parameter name -> (recipe key it sets, its type, the option).
-TRAINING: dict[str, tuple[str, type, object]] = {
-    "epochs": ("schedule.epochs", int, typer.Option(None, "--epochs", help="Training epochs (schedule.epochs).")),
-    "batch_size": ("schedule.batch_size", int, typer.Option(None, "--batch-size", "-b", help="Global batch size, split over torchrun processes.")),
-    "lr": ("schedule.lr", float, typer.Option(None, "--lr", help="Peak learning rate for the global batch.")),
-    "device": ("train.device", str, typer.Option(None, "--device", help="auto | cpu | cuda")),
-    "seed": ("train.seed", int, typer.Option(None, "--seed")),
-    "input_size": ("data.input_size", int, typer.Option(None, "--input-size", help="Square input side in pixels (data.input_size).")),
-    "amp_dtype": ("train.amp_dtype", str, typer.Option(None, "--amp-dtype", help="auto | bfloat16 | float16 | float32")),
-    "channels_last": ("train.channels_last", bool, typer.Option(None, "--channels-last/--no-channels-last", help="NHWC memory format (default on CUDA).")),
-    "torchcompile": ("train.compile", bool, typer.Option(None, "--torchcompile/--no-torchcompile", help="torch.compile student and teacher.")),
-    "model_ema": ("train.ema", bool, typer.Option(None, "--model-ema/--no-model-ema", help="Keep an EMA of the student and ship it.")),
-    "workers": ("data.workers", int, typer.Option(None, "--workers", "-j", help="Data loader processes per training process.")),
-    "checkpoint_every": ("train.checkpoint_every", int, typer.Option(None, "--checkpoint-every", help="Also checkpoint every N steps.")),
-    "max_grad_norm": ("schedule.max_grad_norm", float, typer.Option(None, "--max-grad-norm", help="Clip the gradient norm.")),
-    "skip_bad_images": ("data.skip_bad_images", bool, typer.Option(None, "--skip-bad-images/--no-skip-bad-images", help="Skip unreadable images instead of stopping.")),
-    "init": ("student.init", str, typer.Option(None, "--init", help="Start the model trained from what fits of a run folder or weights file of another label set or task (a classifier's backbone, a COCO detector); its class layers fresh.")),
-    "quantize": ("qat.mode", str, typer.Option(None, "--quantize", help="none | int8: train the student quantization-aware, as onnxruntime's int8 will run it (qat.* settings); `export --quantize int8` then uses what it learnt.")),
-    "task": ("task", str, typer.Option(None, "--task", help="auto | classification | segmentation | detection (auto: from the data layout and the models named).")),
-}
+# The training options `compress` and `train` share (lcdistill.options: the recipe key each sets, its flags, its help).
+TRAINING: dict[str, tuple[type, object]] = {name: (o.kind, typer.Option(None, *o.flags, help=o.help)) for name, o in OPTIONS.items()}
 
 
 @dataclass
 class TrainingOptions:
-    """The shared training options as given (None: not given), and the recipe layers they make."""
+    """The shared training options as given (None: not given), and the --set overrides: lcdistill.compress's and
+    lcdistill.train's keyword arguments."""
 
     values: dict[str, object]
     sets: list[str] = field(default_factory=list)  # --set KEY=VALUE
 
-    def given(self) -> list[str]:
-        """The flags given, as typed (for --resume, which takes none)."""
-        named = [TRAINING[k][2].param_decls[0].split("/")[0] for k, v in self.values.items() if v is not None]
-        return named + (["--set"] if self.sets else [])
-
-    def layers(self, extra: dict | None = None) -> list[dict]:
-        """Recipe layers: the flags given (and extra recipe keys), then each --set."""
-        flags = {TRAINING[k][0]: v for k, v in self.values.items()}
-        return overrides({**flags, **(extra or {})}, self.sets)
+    def keywords(self) -> dict:
+        return {**self.values, "overrides": self.sets or None}
 
 
 def training_options(command):
@@ -117,7 +73,7 @@ def training_options(command):
     sig = inspect.signature(command)
     own = [p for p in sig.parameters.values() if p.name != "options"]
     shared = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=opt, annotation=Optional[kind])
-              for name, (_, kind, opt) in TRAINING.items()]
+              for name, (kind, opt) in TRAINING.items()]
     shared.append(inspect.Parameter("set_", inspect.Parameter.KEYWORD_ONLY, default=SetOpt, annotation=Optional[List[str]]))
 
     @functools.wraps(command)

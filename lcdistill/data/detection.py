@@ -110,11 +110,19 @@ class LongerSide:
     def __call__(self, image, target):
         from torchvision.transforms.v2 import functional as F
 
-        h, w = image.shape[-2:]
-        longer = max(h, w)
-        out = [max(1, round(h * self.size / longer)), max(1, round(w * self.size / longer))]
-        image = F.to_dtype(F.resize(image, out, antialias=True), torch.float32, scale=True)
-        return image, {**target, "boxes": F.resize(target["boxes"], out)}
+        image = longer_side(image, self.size)
+        return image, {**target, "boxes": F.resize(target["boxes"], list(image.shape[-2:]))}
+
+
+def longer_side(image, size: int) -> torch.Tensor:
+    """An image (tensor or PIL) as a float [3, H, W] tensor in [0, 1], its longer side resized to size, the aspect kept."""
+    from torchvision.transforms.v2 import functional as F
+
+    image = F.to_image(image) if not isinstance(image, torch.Tensor) else image
+    h, w = image.shape[-2:]
+    longer = max(h, w)
+    out = [max(1, round(h * size / longer)), max(1, round(w * size / longer))]
+    return F.to_dtype(F.resize(image, out, antialias=True), torch.float32, scale=True)
 
 
 def det_transform(size: int, training: bool, scale: tuple[float, float] = (0.5, 2.0), hflip: float = 0.5):

@@ -61,9 +61,9 @@ def validate(recipe: dict) -> None:
         term.validate(recipe[term.section])
 
 
-def build(recipe: dict, task, student, teacher, student_cfg: dict, teacher_cfg: dict | None) -> Distiller:
-    """The Distiller of recipe['method']; each term gets its own recipe section, and sees the terms
-    built before it (ctx.peers)."""
+def build_terms(recipe: dict, task, student, teacher) -> list[Term]:
+    """The terms of recipe['method'] for this student and teacher; each gets its own recipe section, and
+    sees the terms built before it (ctx.peers)."""
     ctx = Context(student, teacher, task, input_size=recipe["data"]["input_size"])
     terms = []
     for t in terms_of(recipe["method"]):
@@ -73,7 +73,12 @@ def build(recipe: dict, task, student, teacher, student_cfg: dict, teacher_cfg: 
                             f"choose terms {task.name} serves: {', '.join(served(task))}")
         terms.append(t(recipe[t.section], ctx))
         ctx.peers[t.name] = terms[-1]
-    return Distiller(student, teacher, task, terms, recipe["loss"], student_cfg, teacher_cfg)
+    return terms
+
+
+def build(recipe: dict, task, student, teacher, student_cfg: dict, teacher_cfg: dict | None) -> Distiller:
+    """The Distiller of recipe['method'] (the task's supervised loss weighted by recipe['loss'], then the terms)."""
+    return Distiller(student, teacher, task, build_terms(recipe, task, student, teacher), recipe["loss"], student_cfg, teacher_cfg)
 
 
 def served(task) -> list[str]:
@@ -86,5 +91,5 @@ def describe_methods() -> list[tuple[str, str]]:
     return [(name, " + ".join(["ce", *ALIASES[name]])) for name in METHODS]
 
 
-__all__ = ["served", "ALIASES", "LOGIT_TERMS", "METHODS", "TERMS", "Context", "Distiller", "Step", "Term", "build", "describe_methods",
+__all__ = ["served", "ALIASES", "LOGIT_TERMS", "METHODS", "TERMS", "Context", "Distiller", "Step", "Term", "build", "build_terms", "describe_methods",
            "needs_teacher", "sections", "terms_of", "validate"]

@@ -242,6 +242,14 @@ class Task:
         meta (its size, crop, interpolation) wants it at eval time."""
         raise NotImplementedError
 
+    def image_transform(self, meta: dict) -> Callable:
+        """One PIL image -> a float [3, H, W] tensor in [0, 1], as eval_dataset prepares images for a model recorded
+        in meta (lcdistill.load's predict): here resized to the input size."""
+        from torchvision.transforms import v2
+
+        side = int(meta["input_size"][-1])
+        return v2.Compose([v2.ToImage(), v2.Resize((side, side), antialias=True), v2.ToDtype(torch.float32, scale=True)])
+
     def batch(self, item) -> Batch:
         """A loader's item (images, targets, skipped) as a Batch."""
         return item if isinstance(item, Batch) else Batch(*item)

@@ -96,6 +96,9 @@ class Classification(Task):
     def eval_dataset(self, split, meta: dict):
         return data.ImageDataset(split, data.eval_transform(meta))
 
+    def image_transform(self, meta: dict):
+        return data.eval_transform(meta)
+
     def loss(self, raw, targets, settings: dict) -> torch.Tensor:
         return F.cross_entropy(raw.float(), targets, label_smoothing=float(settings["label_smoothing"]))
 

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torchvision.ops import box_iou
 
-from lcdistill.data.detection import DetectionDataset, detect_layout, scan_detection
+from lcdistill.data.detection import DetectionDataset, detect_layout, longer_side, scan_detection
 from lcdistill.errors import UserError
 from lcdistill.models.detection import DETECTORS, background_offset, dense_head, set_input_size
 from lcdistill.tasks.base import Batch, ExportSpec, LogitView, Metric, Outputs, Splits, Task, joint_datasets
@@ -244,6 +244,10 @@ class Detection(Task):
 
     def eval_dataset(self, split, meta: dict):
         return DetectionDataset(split, int(meta["input_size"][-1]), False)
+
+    def image_transform(self, meta: dict):
+        size = int(meta["input_size"][-1])
+        return lambda image: longer_side(image, size)
 
     # ---- models -------------------------------------------------------------------------
     def configure(self, loaded, input_size: int) -> None:
