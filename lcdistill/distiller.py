@@ -84,12 +84,14 @@ class Distiller(methods.Distiller):
         n = num_classes or len(t_meta.get("classes") or []) or None
         s_loaded = self._student(student, the_task, n, seed)
         s_module, s_cfg = (student, models.data_config(student)) if s_loaded is None else (s_loaded.model, s_loaded.data_config)
-        if input_size is None:
+        given = input_size is not None
+        if not given:
             input_size = int((t_meta.get("input_size") or s_cfg["input_size"])[-1])
             recipe["data"]["input_size"] = input_size
-        for loaded in (s_loaded, t_loaded):  # what was built here by name: a detector resizes to the input size inside
-            if loaded is not None:
-                the_task.configure(loaded, input_size)
+        # a detector resizes to the input size inside: those built here, and modules handed over with input_size given
+        for loaded, module, cfg in ((s_loaded, s_module, s_cfg), (t_loaded, t_module, t_cfg)):
+            if loaded is not None or (given and module is not None):
+                the_task.configure(loaded or models.Loaded(module, {}, 0, dict(cfg), "", {}), input_size)
         if t_meta.get("crop_pct") is not None:  # a teacher run's eval crop, as compress takes it
             s_cfg = {**s_cfg, "crop_pct": float(t_meta["crop_pct"])}
         if mean is not None or std is not None:
@@ -142,7 +144,8 @@ class Distiller(methods.Distiller):
         return task.resolve(student, num_classes, role="student", pretrained=False, keep_head=False)
 
     def _batch(self, batch) -> Batch:
-        if isinstance(batch, torch.Tensor):
+        images_only = isinstance(batch, (list, tuple)) and batch and all(isinstance(i, torch.Tensor) and i.dim() == 3 for i in batch)
+        if isinstance(batch, torch.Tensor) or images_only:  # a batch tensor, or a detector's list of [3, H, W] images
             batch = Batch(batch, None)
         elif isinstance(batch, dict) and "images" in batch:
             batch = Batch(batch["images"], batch.get("targets"))

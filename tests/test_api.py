@@ -162,3 +162,20 @@ def test_compress_evaluate_and_load_from_python(compress_run, small_data, tmp_pa
     x = torch.rand(3, 3, 32, 32)
     assert torch.equal(model.predict(x), model(model.preprocess(x)))
     _raises(lambda: model.predict(torch.zeros(3, 32, 32, dtype=torch.uint8)), "float")
+
+
+def test_the_distiller_takes_a_detector_s_batch_as_torchvision_gives_it():
+    """Lists of [3, H, W] images and {boxes, labels} targets (no lcdistill "ignore" key); losses in training mode,
+    boxes in eval mode; the task's default method (cwd on the FPN levels)."""
+    from lcdistill import models
+
+    teacher = models.build(models.parse("det:FCOS:resnet18", "detection")[1], 3)
+    distiller = lcdistill.Distiller("det:FCOS:mobilenet_v3_small", teacher, task="detection", num_classes=3, input_size=64, seed=0)
+    images = [torch.rand(3, 64, 64), torch.rand(3, 48, 64)]
+    targets = [{"boxes": torch.tensor([[4.0, 4.0, 30.0, 30.0]]), "labels": torch.tensor([2])},
+               {"boxes": torch.tensor([[10.0, 10.0, 40.0, 44.0]]), "labels": torch.tensor([0])}]
+    _, losses = distiller.train()((images, targets))
+    assert {"classification", "bbox_regression", "cwd"} <= set(losses) and all(torch.isfinite(v) for v in losses.values())
+    with torch.no_grad():
+        detections, losses = distiller.eval()(images)
+    assert losses == {} and len(detections) == 2 and set(detections[0]) == {"boxes", "scores", "labels"}

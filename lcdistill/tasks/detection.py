@@ -29,6 +29,13 @@ SCALE = [0.75, 1.25]
 HFLIP = 0.0
 
 
+def _ignored(target: dict) -> torch.Tensor:
+    """Which boxes of a target are marked ignore (crowd, difficult); none when a caller's target has no "ignore"
+    (torchvision's detection targets: boxes and labels only)."""
+    ignore = target.get("ignore")
+    return _plain(ignore).bool() if ignore is not None else torch.zeros(len(target["labels"]), dtype=torch.bool, device=target["labels"].device)
+
+
 def _plain(t: torch.Tensor) -> torch.Tensor:
     return t.as_subclass(torch.Tensor)  # tv_tensors.BoundingBoxes / Image as plain tensors
 
@@ -54,7 +61,7 @@ class MeanAP(Metric):
         for p, t in zip(prediction, targets):
             self.preds.append({k: _plain(p[k]).detach().float().cpu() if k != "labels" else _plain(p[k]).cpu().long() for k in ("boxes", "scores", "labels")})
             self.targets.append({"boxes": _plain(t["boxes"]).float().cpu(), "labels": _plain(t["labels"]).cpu().long(),
-                                 "iscrowd": _plain(t["ignore"]).cpu().long()})
+                                 "iscrowd": _ignored(t).cpu().long()})
         self._result = None
 
     def sync(self, comm) -> None:
@@ -277,7 +284,7 @@ class Detection(Task):
         losses, prediction = {}, None
         try:
             if settings is not None and model.training:
-                targets = [{"boxes": _plain(t["boxes"])[~t["ignore"]], "labels": _plain(t["labels"])[~t["ignore"]] + offset} for t in batch.targets]
+                targets = [{"boxes": _plain(t["boxes"])[~_ignored(t)], "labels": _plain(t["labels"])[~_ignored(t)] + offset} for t in batch.targets]
                 losses = model(self.inputs(batch, *stats), targets)
             elif predict:
                 prediction = self.prediction(model(self.inputs(batch, *stats)), offset)
