@@ -133,3 +133,16 @@ def test_pyproject_ships_every_package():
     listed = set(tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
     folders = {".".join(f.parent.relative_to(PACKAGE.parent).parts) for f in PACKAGE.rglob("__init__.py")}
     assert folders <= listed, sorted(folders - listed)
+
+
+def test_the_lipschitz_maths_imports_nothing_above_it():
+    """lipschitz/ is maths the london term imports: a command (lipschitz_report.py) lives above the methods, not in it."""
+    edges = imports(modules())
+    above = {d for name, deps in edges.items() if name.startswith("lcdistill.lipschitz.") or name == "lcdistill.lipschitz"
+             for d in deps if not d.startswith("lcdistill.lipschitz")}
+    assert above <= {"lcdistill.errors"}, above
+
+
+def test_the_package_face_imports_only_the_error_type():
+    """`import lcdistill` stays fast: its public names load on first use (module __getattr__), not at import."""
+    assert imports(modules())["lcdistill"] <= {"lcdistill.errors"}
