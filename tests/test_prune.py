@@ -129,7 +129,11 @@ def test_a_cut_student_is_distilled_evaluated_and_exported_like_any_student(prun
     assert f"{meta['top1']:.2f}" in shown
     out = tmp_path / "export"
     shown = cli_ok("export", pruned_run, "--format", "all", "--out", out).stdout
-    assert {"student.onnx", "student.pt", "student.pt2"} <= {p.name for p in out.iterdir()}, shown
+    assert {"student.onnx", "student.pt", "student.pt2", "hub"} <= {p.name for p in out.iterdir()}, shown
+    card = (out / "hub" / "README.md").read_text()  # the card loads it with lcdistill (no library builds a cut model alone)
+    assert 'models.load_run(f"{folder}/model.safetensors")' in card
+    loaded = models.load_run(out / "hub" / "model.safetensors")
+    assert loaded.arch == meta["arch"] and loaded.params == meta["params"]
 
 
 def test_a_stopped_cut_run_resumes_without_the_pruner_to_the_unbroken_one(pruned_run, teacher_run, small_data, blocker, tmp_path):
