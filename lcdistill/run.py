@@ -51,7 +51,9 @@ class Prepared:
 
 def default_run_dir(recipe: dict) -> Path:
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    name = f"{recipe['student']['name']}-{recipe['method']}".replace(":", "-").replace("/", "-")  # smp:Arch:encoder, a+b
+    student = recipe["student"]
+    named = f"prune-{student['name']}" if student["source"] == prune.SOURCE else student["name"]  # prune:R names no model
+    name = f"{named}-{recipe['method']}".replace(":", "-").replace("/", "-")  # smp:Arch:encoder, a+b
     return Path("runs") / f"{name}-{stamp}"
 
 
