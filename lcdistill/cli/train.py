@@ -15,7 +15,7 @@ from lcdistill.cli.common import DataOpt, OutOpt, TrainingOptions, console_for, 
 @training_options
 def compress(
     teacher: Optional[str] = typer.Option(None, "--teacher", help="Model name (timm: / tv: / smp: prefix), run folder, or name + --teacher-weights."),
-    student: Optional[str] = typer.Option(None, "--student", help="Recipe name (see `lcdistill recipes`), recipe file, or model name."),
+    student: Optional[str] = typer.Option(None, "--student", help="Recipe name (see `lcdistill recipes`), recipe file, model name, a run folder (fine-tuned further), or prune:R (the teacher cut to at most R of its FLOPs)."),
     data: Optional[str] = DataOpt,
     recipe: Optional[str] = typer.Option(None, "--recipe", help="Recipe YAML file."),
     method: Optional[str] = typer.Option(None, "--method", help="london | kd | ce, or terms joined by + (default: the task's, see `lcdistill methods`)"),
