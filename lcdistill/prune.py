@@ -21,7 +21,7 @@ from torch import nn
 from lcdistill import models
 from lcdistill.errors import UserError
 from lcdistill.measure import flops
-from lcdistill.models.pruned import PRUNED, base_arch, describe, refresh, unfreeze_batchnorm
+from lcdistill.models.pruned import PRUNED, base_arch, describe, narrow, refresh, unfreeze_batchnorm
 from lcdistill.tasks import Task
 
 SOURCE = "prune"  # --student prune:R splits into this source and R (lcdistill.specs)
@@ -192,15 +192,15 @@ def _shapes(model: nn.Module, teacher: models.Loaded, example) -> dict:
     fresh = unfreeze_batchnorm(models.build(teacher.arch, teacher.num_classes))
     shapes = describe(model, fresh)
     try:
-        rebuilt = PRUNED.build({"source": "pruned", "kwargs": {"base": teacher.arch, "shapes": shapes}}, teacher.num_classes)
+        rebuilt = narrow(fresh, shapes)  # what the pruned family's build does to a fresh base (unfreeze_batchnorm is done)
         own, got = model.state_dict(), rebuilt.state_dict()
         wrong = [k for k in own if k not in got or got[k].shape != own[k].shape] + [k for k in got if k not in own]
         if not wrong:
             rebuilt.load_state_dict(own)
             same = [torch.equal(a, b) for a, b in zip(_flat(model.eval()(example)), _flat(rebuilt.eval()(example)), strict=True)]
             wrong = [] if all(same) else ["its outputs differ"]
-    except (UserError, RuntimeError) as exc:  # a layer the description does not narrow makes the rebuilt model fail
-        wrong = [(exc.line() if isinstance(exc, UserError) else str(exc)).splitlines()[0][:100]]
+    except (ValueError, RuntimeError) as exc:  # a layer the description does not narrow makes the rebuilt model fail
+        wrong = [str(exc).splitlines()[0][:100]]
     if wrong:
         raise UserError(f"prune: {teacher.origin} has layers lcdistill cannot rebuild after pruning ({wrong[0]})",
                         FIX)
