@@ -68,6 +68,7 @@ CORE: dict[str, Any] = {
     "qat": {  # quantization-aware training (--quantize int8 on compress and train): lcdistill/quantize/
         "mode": "none",  # none | int8: train the student as onnxruntime's int8 export will run it
         "weight_bits": 8,  # 8 (int8 weights, 7-bit range) | 4 (int4 weights: onnxruntime dequantizes them to float convolutions)
+        "weight_range": "auto",  # where each channel's weight grid ends: max (max |w|) | learnt (a clipping share trained with the weights) | auto (learnt at 4 bits)
         "calibration_steps": 20,  # first steps: activation ranges watched, not yet quantized
         "freeze_observers_at": 0.5,  # share of the run after which the activation ranges stay fixed
         "freeze_bn_at": 0.75,  # share of the run after which BatchNorm statistics stay fixed
@@ -267,6 +268,8 @@ def validate(recipe: dict) -> None:
         raise UserError(f"unknown qat.mode {qat['mode']!r} (--quantize)", "choose none or int8")
     if qat["weight_bits"] not in (8, 4) or isinstance(qat["weight_bits"], bool):
         raise UserError(f"qat.weight_bits must be 8 or 4 (the weight widths onnxruntime's quantizer writes), got {qat['weight_bits']!r}", "pass --set qat.weight_bits=8")
+    if qat["weight_range"] not in ("auto", "max", "learnt"):
+        raise UserError(f"unknown qat.weight_range {qat['weight_range']!r}", "choose auto, max or learnt")
     for key in ("freeze_observers_at", "freeze_bn_at", "observer_momentum"):
         if not isinstance(qat[key], (int, float)) or not 0 <= qat[key] <= 1:
             raise UserError(f"qat.{key} must be a number from 0 to 1, got {qat[key]!r}", f"pass --set qat.{key}=0.5")

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from conftest import assert_user_error, cli, cli_ok
-from lcdistill.quantize.fakequant import FoldedWeight, act_qparams, fake_quant_weight, weight_scales
+from lcdistill.quantize.fakequant import FoldedWeight, act_qparams, clip_search, clipped_quant_weight, fake_quant_weight, weight_scales
 from lcdistill.quantize.prepare import ATTR, attach, bake, plan, prepare
 
 SETTINGS = {"weight_bits": 8, "calibration_steps": 2, "freeze_observers_at": 0.5, "freeze_bn_at": 0.75, "observer_momentum": 0.1}
@@ -95,6 +95,32 @@ def test_plan_keeps_the_stem_and_classifier_float_and_pairs_every_conv_with_its_
     assert len(pairs) == len(convs)
 
 
+def test_learnt_clipping_starts_closest_and_trains_its_share():
+    """qat.weight_range learnt: each channel's int4 grid ends at a trained share of its max |w|. It starts at the share
+    whose grid lies closest to the weights (never farther than the max-based grid, which share 1 is exactly); the
+    share and the weights both get gradients; the scale reads back off the quantized weights, as the export does."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(16, 8, 3, 3, generator=g)
+    w[0, 0, 0, 0] = 8.0  # one outlier
+    share = clip_search(w, 4)
+    assert torch.equal(clipped_quant_weight(w, torch.ones(16), 4), fake_quant_weight(w, 4))
+    err = lambda q: (q - w).pow(2).flatten(1).sum(1)  # noqa: E731
+    assert (err(clipped_quant_weight(w, share, 4)) <= err(fake_quant_weight(w, 4)) + 1e-6).all() and share[0] < 1
+    q = clipped_quant_weight(w, share, 4)
+    scale = share * w.abs().flatten(1).amax(1) / 7
+    assert torch.allclose(q.abs().flatten(1).amax(1) / 7, scale, rtol=1e-6)  # the last level is reached: the export reads s back
+    assert torch.allclose(q / scale.view(-1, 1, 1, 1), (q / scale.view(-1, 1, 1, 1)).round(), atol=1e-4)
+    fw = FoldedWeight(None, 4, share)
+    leaf = w.clone().requires_grad_(True)
+    fw(leaf).sin().sum().backward()
+    assert fw.clip.grad is not None and (fw.clip.grad != 0).all() and leaf.grad.abs().sum() > 0
+    model = student()
+    prepare(model, torch.randn(2, 3, 32, 32), {**SETTINGS, "weight_bits": 4, "weight_range": "auto"}, total_steps=8)
+    clips = [n for n, _ in model.named_parameters() if n.endswith(".clip")]
+    assert len(clips) == 51 and all(".parametrizations.weight." in n for n in clips)  # trained with the weights, dropped by bake
+    assert not any(k.endswith(".clip") for k in bake(model)[0])
+
+
 def test_schedule_taps_and_gradients():
     """Observers watch, then quantize, then freeze; BatchNorm freezes; a tap by module path still fires and
     sees fake-quantized inputs; every trainable weight gets a gradient through the quantizers."""
@@ -142,9 +168,12 @@ def test_ema_copy_has_its_own_observers():
     assert layer.parametrizations.weight[0].bn is twin.get_submodule("blocks.2.0.bn1")
 
 
-def test_bake_ships_the_plain_architecture_on_the_int8_grid():
+@pytest.mark.parametrize("bits", [8, 4])
+def test_bake_ships_the_plain_architecture_on_the_int8_grid(bits):
+    """Also with int4 weights (learnt clipping): onnxruntime rounds their biases onto the same int32 grid when it
+    loads the file (its WeightBiasQuantization optimizer), so the simulation does too."""
     model = student()
-    report = prepare(model, torch.randn(2, 3, 32, 32), SETTINGS, total_steps=8)
+    report = prepare(model, torch.randn(2, 3, 32, 32), {**SETTINGS, "weight_bits": bits, "weight_range": "auto"}, total_steps=8)
     model.train()
     for _ in range(4):
         model(torch.randn(4, 3, 32, 32))
@@ -156,8 +185,8 @@ def test_bake_ships_the_plain_architecture_on_the_int8_grid():
     conv, bn = plain.blocks[2][0].conv_pw, plain.blocks[2][0].bn1
     s = (bn.weight / torch.sqrt(bn.running_var + bn.eps)).detach().view(-1, 1, 1, 1)
     w = conv.weight.detach() * s
-    q = w / weight_scales(w).view(-1, 1, 1, 1)
-    assert torch.allclose(q, q.round(), atol=1e-3)
+    q = w / weight_scales(w, bits).view(-1, 1, 1, 1)
+    assert torch.allclose(q, q.round(), atol=1e-3) and q.abs().max() <= (64 if bits == 8 else 7) + 1e-3
     x = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
         rebuilt = attach(copy.deepcopy(plain), acts, report["bias"]).eval()
@@ -168,7 +197,7 @@ def test_bake_ships_the_plain_architecture_on_the_int8_grid():
     conv, bn = rebuilt.blocks[2][0].conv_pw, rebuilt.blocks[2][0].bn1
     s = bn.weight / torch.sqrt(bn.running_var + bn.eps)
     b = (bn.bias - bn.running_mean * s).detach()
-    grid = conv.lcdistill_act_quant.scale * weight_scales((conv.weight * s.view(-1, 1, 1, 1)).detach())
+    grid = conv.lcdistill_act_quant.scale * weight_scales((conv.weight * s.view(-1, 1, 1, 1)).detach(), bits)
     h = torch.rand(2, conv.in_channels, 4, 4)
     with torch.no_grad():
         plain_bn = lambda y: nn.functional.batch_norm(y, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)  # noqa: E731
@@ -245,12 +274,11 @@ def test_int4_weights_train_and_export_on_their_own_grid(qat_run, digits, tmp_pa
     exported = cli_ok("export", run, "--format", "onnx", "--quantize", "int8")
     first, scored, ops = [line for line in exported.stdout.splitlines() if line.startswith("int8:")]
     assert "student.w4a8.onnx" in first and "DequantizeLinear feed float convolutions" in ops, ops
-    # float convolutions of grid values land on rounding ties, which onnxruntime's pre-packed kernels break the
-    # other way now and then: this 1-epoch student agreed on 354/359 (359/359 with its graph optimizations off)
+    # the biases rounded as onnxruntime rounds them when it loads the file: 354/359 and top-1 1.4 apart before
     agree, seen = map(int, re.search(r"agrees with PyTorch on (\d+)/(\d+)", first).groups())
-    assert seen == 359 and agree >= 0.97 * seen, first
+    assert seen == 359 and agree >= 0.99 * seen, first
     got, want = map(float, re.search(r"top-1 % on val ([\d.]+), the fake-quantized PyTorch model ([\d.]+)", scored).groups())
-    assert abs(got - want) <= 1.5, scored
+    assert abs(got - want) <= 0.3 + 1e-9, scored
     from lcdistill import exporters
 
     how = exporters.read_onnx_metadata(run / "student.w4a8.onnx")["quantization"]

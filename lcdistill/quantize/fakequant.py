@@ -6,7 +6,9 @@ float so the student trains through it.
   reduce_range=True) and compute_scale_zp: the same scale). int4 (qat.weight_bits=4) in [-7, 7]:
   onnxruntime's own int4 range is [-8, 7] with scale max|w| / 7.5, where max|w| lands on 7 or -8 by a
   rounding hair and the scale cannot be read back off the weights; on [-7, 7] both ends are exact, and the
-  export hands onnxruntime these scales (onnx_scales.weight_overrides).
+  export hands onnxruntime these scales (onnx_scales.weight_overrides). qat.weight_range learnt (the default
+  at int4): the scale is a learnt share of max|w| instead, the weights beyond it clipped (clipped_quant_weight).
+- Biases: in int32 on the grid of input scale x weight scale (BiasRounding), int4 weights' too.
 - Activations: per tensor, uint8 [0, 255], asymmetric, from a range that always holds 0: scale =
   (max - min) / 255, zero point round(-min / scale) (compute_scale_zp with qmin 0, qmax 255).
 Rounding is half to even in both (torch.fake_quantize_* and ONNX QuantizeLinear).
@@ -55,24 +57,62 @@ def fold_scale(bn: nn.BatchNorm2d | None, w: torch.Tensor) -> torch.Tensor | Non
     return s.reshape(-1, *([1] * (w.dim() - 1))).to(w.dtype)
 
 
+def clip_search(w: torch.Tensor, bits: int, shares: torch.Tensor | None = None) -> torch.Tensor:
+    """Per output channel, the share of max |w| the grid's last level should sit at to make the quantized
+    weights closest to w (least squares), over the shares tried: where a few outliers would stretch a 15-level
+    int4 grid, clipping them gives the many small weights finer steps (the usual start of learnt clipping)."""
+    shares = torch.linspace(0.3, 1.0, 71) if shares is None else shares
+    w = w.detach().float().flatten(1)
+    best, err = torch.ones(w.shape[0]), torch.full((w.shape[0],), float("inf"))
+    for share in shares.tolist():
+        e = (clipped_quant_weight(w, torch.full((w.shape[0],), share), bits) - w).pow(2).sum(1)
+        better = e < err
+        best, err = torch.where(better, torch.full_like(best, share), best), torch.where(better, e, err)
+    return best
+
+
+def clipped_quant_weight(w: torch.Tensor, clip: torch.Tensor, bits: int) -> torch.Tensor:
+    """w on a per-channel grid whose last level is clip * max |w| (clip in (0, 1], per output channel): weights
+    beyond it are clipped. Learnt step size (Esser et al. 2020, LSQ): rounding passes the gradient straight
+    through, and clip gets its own gradient from the rounding and clipping error; the scale is never above
+    max |w| / qmax, so the export reads it back off the weights (onnx_scales.weight_overrides)."""
+    qmin, qmax = WEIGHT_RANGES[bits]
+    amax = w.detach().float().abs().flatten(1).amax(1)
+    shape = (-1, *([1] * (w.dim() - 1)))
+    share = torch.where(clip > 1, torch.ones_like(clip), torch.where(clip < 0.01, torch.full_like(clip, 0.01), clip))  # at 1: still learns down
+    scale = torch.where(amax > 0, share * amax / qmax, torch.ones_like(amax)).view(shape)
+    x = torch.clamp(w.float() / scale, qmin, qmax)
+    x = x + (torch.round(x) - x).detach()  # half to even, as QuantizeLinear
+    return (x * scale).to(w.dtype)
+
+
 class FoldedWeight(nn.Module):
     """A parametrization of a conv's weight: the weight its int8 model holds once the BatchNorm after it is
     folded in, w_q = fq(w * s) / s with s = gamma / sqrt(running_var + eps) per channel. Dividing by s keeps
     the BatchNorm module as it is: in eval, BN(conv(x, w_q)) is exactly the folded int8 convolution; in
     training BN still normalises with batch statistics (Jacob et al. 2018, as torch's fused QAT convs
     approximate it). The BatchNorm is held outside the module tree (not a submodule), so state_dict and
-    module paths are unchanged; deepcopy (EMA) still carries it to the copy's own BatchNorm."""
+    module paths are unchanged; deepcopy (EMA) still carries it to the copy's own BatchNorm.
 
-    def __init__(self, bn: nn.BatchNorm2d | None = None, bits: int = 8):
+    clip (qat.weight_range learnt): a learnt share of each channel's max |w| where the grid ends
+    (clipped_quant_weight), a parameter the optimizer trains with the weights; None: the grid spans max |w|."""
+
+    def __init__(self, bn: nn.BatchNorm2d | None = None, bits: int = 8, clip: torch.Tensor | None = None):
         super().__init__()
         object.__setattr__(self, "bn", bn)
         self.bits = bits
+        self.clip = None if clip is None else nn.Parameter(clip.float())
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         s = fold_scale(self.bn, w)
-        if s is None:
-            return fake_quant_weight(w, self.bits)
-        return fake_quant_weight(w * s, self.bits) / s
+        folded = w if s is None else w * s
+        q = fake_quant_weight(folded, self.bits) if self.clip is None else clipped_quant_weight(folded, self.clip, self.bits)
+        return q if s is None else q / s
+
+    def folded(self, w: torch.Tensor) -> torch.Tensor:
+        """The weight with its BatchNorm folded in, before quantization."""
+        s = fold_scale(self.bn, w)
+        return w if s is None else w * s
 
 
 def fake_quant_act(x: torch.Tensor, scale, zero) -> torch.Tensor:
@@ -153,9 +193,10 @@ class ActQuant(ActHooks):
 
 
 class BiasRounding:
-    """onnxruntime's int8 convolution holds its bias (the BatchNorm's folded in: beta - mean * s) in int32 on the
-    grid of input scale x weight scale, per output channel (quant_utils.quantize_bias_static_impl rounds it
-    there). A forward hook on the conv adds that rounding's error: delta / s, which the BatchNorm after it
+    """onnxruntime's quantized convolution holds its bias (the BatchNorm's folded in: beta - mean * s) in int32 on
+    the grid of input scale x weight scale, per output channel (quant_utils.quantize_bias_static_impl rounds it
+    there; for int4 weights, which meet float convolutions, its WeightBiasQuantization optimizer does the same
+    when it loads the file). A forward hook on the conv adds that rounding's error: delta / s, which the BatchNorm after it
     turns into delta (BN(y + delta / s) = BN(y) + delta in eval), so a BatchNorm with its activation inside
     (timm's BatchNormAct2d) still gets it before the activation. Only where the folding is exact: BatchNorm in
     eval (running statistics), and once the conv's input is quantized. A constant per channel: no gradient."""
@@ -165,7 +206,7 @@ class BiasRounding:
 
     def hook(self, conv: nn.Module, args: tuple, output: torch.Tensor):
         bn, scale = self.bn, self.quant.scale_now()
-        if scale is None or (bn is not None and bn.training):
+        if scale is None or (isinstance(bn, nn.modules.batchnorm._BatchNorm) and bn.training):  # FrozenBatchNorm2d: always folded
             return output
         with torch.no_grad():
             w = conv.weight

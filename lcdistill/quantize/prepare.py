@@ -22,9 +22,10 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 from torch.overrides import TorchFunctionMode
+from torchvision.ops.misc import FrozenBatchNorm2d
 
 from lcdistill.errors import UserError
-from lcdistill.quantize.fakequant import ActQuant, BiasRounding, FixedQuant, FoldedWeight
+from lcdistill.quantize.fakequant import ActQuant, BiasRounding, FixedQuant, FoldedWeight, clip_search
 
 ATTR = "lcdistill_qat"
 OUT = ":out"  # an observer of a module's output (a residual branch's last BatchNorm), not of its input
@@ -59,6 +60,9 @@ class QatState(nn.Module):
 # activation modules onnxruntime takes together with the convolution before them: their output is the unit's end
 ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.Hardtanh, nn.SiLU, nn.Hardswish, nn.GELU, nn.Sigmoid, nn.Hardsigmoid, nn.LeakyReLU, nn.Mish)
 PASS_THROUGH = (nn.Identity, nn.Dropout)
+# folded into the conv before them: BatchNorm, and torchvision's FrozenBatchNorm2d (detectors' pretrained backbones;
+# always its running statistics, as a BatchNorm in eval)
+NORMS = (nn.modules.batchnorm._BatchNorm, FrozenBatchNorm2d)
 
 
 FUNCTION = "<function>"  # a consumer that is a torch function called outside any leaf module (a residual `+`)
@@ -133,7 +137,7 @@ def plan(model: nn.Module, example: torch.Tensor) -> tuple[list[str], list[str],
             if isinstance(module, nn.Conv2d):
                 made[id(output)] = name
             return
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        if isinstance(module, NORMS):
             if args and id(args[0]) in made:
                 follows[made[id(args[0])]] = name
             ends[name] = id(output)
@@ -143,7 +147,7 @@ def plan(model: nn.Module, example: torch.Tensor) -> tuple[list[str], list[str],
     for m in model.modules():
         if m is model:
             continue
-        norm = isinstance(m, nn.modules.batchnorm._BatchNorm)
+        norm = isinstance(m, NORMS)
         leaf = not isinstance(m, PASS_THROUGH) and (norm or not any(True for _ in m.children()))
         handles.append(m.register_forward_pre_hook(counted))
         if leaf:
@@ -168,7 +172,7 @@ def plan(model: nn.Module, example: torch.Tensor) -> tuple[list[str], list[str],
     keep_float = convs[:1] + linears[-1:]
     quantized = [n for n in runs if n not in keep_float]
     observed = set(quantized) | {p for p in keep_float if isinstance(model.get_submodule(p), nn.Linear)}  # layers whose input is quantized
-    pairs = {c: b for c, b in follows.items() if isinstance(model.get_submodule(b), nn.BatchNorm2d)}
+    pairs = {c: b for c, b in follows.items() if isinstance(model.get_submodule(b), (nn.BatchNorm2d, FrozenBatchNorm2d))}
 
     def takers(tensor: int, producer: str) -> list[str]:
         return [u for u in users.get(tensor, []) if not u.startswith(producer + ".")]  # not its own children
@@ -215,23 +219,34 @@ def prepare(model: nn.Module, example: torch.Tensor, settings: dict, total_steps
     state = QatState(inputs + [f"{p}{OUT}" for p in loose], float(settings["observer_momentum"]), int(settings["calibration_steps"]),
                      int(float(settings["freeze_observers_at"]) * total_steps), int(float(settings["freeze_bn_at"]) * total_steps))
     model.add_module(ATTR, state)
+    bits, learnt = int(settings["weight_bits"]), learns_clip(settings)
     for path in quantized:
         layer = model.get_submodule(path)
         bn = model.get_submodule(pairs[path]) if path in pairs else None
-        parametrize.register_parametrization(layer, "weight", FoldedWeight(bn, int(settings["weight_bits"])))
+        # learnt clipping starts where the quantized weights are closest to the trained ones
+        clip = clip_search(FoldedWeight(bn, bits).folded(layer.weight), bits) if learnt else None
+        parametrize.register_parametrization(layer, "weight", FoldedWeight(bn, bits, clip))
     for path in inputs:
         model.get_submodule(path).register_forward_pre_hook(state.observers[key(path)].pre_hook)
     for path in loose:
         model.get_submodule(path).register_forward_hook(state.observers[key(f"{path}{OUT}")].post_hook)
-    # int8 convolutions hold their bias in int32 on the grid of input scale x weight scale: simulated (int4 weights
-    # meet float convolutions, whose bias the export keeps float)
-    bias = {p: {"bn": pairs.get(p), "input": f"{shared[p]}{OUT}" if p in shared else p} for p in quantized
-            if isinstance(model.get_submodule(p), nn.Conv2d)} if int(settings["weight_bits"]) == 8 else {}
+    # quantized convolutions hold their bias in int32 on the grid of input scale x weight scale: simulated. With int4
+    # weights too: onnxruntime's WeightBiasQuantization optimizer rounds a float bias there when it loads the file (the
+    # int4 demo student's file scored 3 points under its fake-quantized model until the simulation did the same)
+    bias = {p: {"bn": pairs.get(p), "input": f"{shared[p]}{OUT}" if p in shared else p, "bits": bits} for p in quantized
+            if isinstance(model.get_submodule(p), nn.Conv2d)}
     round_biases(model, bias, lambda path: state.observers[key(path)])
     model.register_forward_pre_hook(state.root_pre_hook)
     return {"quantized": len(quantized), "folded": sum(p in pairs for p in quantized), "float": keep_float, "outputs": len(loose), "bias": bias,
             "steps": total_steps, "calibration_steps": state.calibration_steps, "observers_frozen_at": state.freeze_observers,
-            "bn_frozen_at": state.freeze_bn}
+            "bn_frozen_at": state.freeze_bn, "weight_range": "learnt" if learnt else "max"}
+
+
+def learns_clip(settings: dict) -> bool:
+    """qat.weight_range: learnt, max, or auto (learnt for int4 weights, whose 15 levels a few outliers would
+    stretch; max for int8, where post-training int8 loses nothing on our students)."""
+    mode = settings.get("weight_range", "max")
+    return mode == "learnt" or (mode == "auto" and int(settings["weight_bits"]) == 4)
 
 
 def key(path: str) -> str:
@@ -261,13 +276,14 @@ def bake(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
 
 def round_biases(model: nn.Module, bias: dict[str, dict], quantizer) -> None:
     """A BiasRounding hook on each conv of bias ({conv path: {"bn": its BatchNorm or None, "input": the path of its
-    input's quantizer}}) that has a bias to round (the BatchNorm's folded in, or its own)."""
+    input's quantizer, "bits": its weights' width (8 where a run before int4's rounding did not say)}}) that has a
+    bias to round (the BatchNorm's folded in, or its own)."""
     for path, where in bias.items():
         conv = model.get_submodule(path)
         bn = model.get_submodule(where["bn"]) if where["bn"] else None
         if bn is None and conv.bias is None:
             continue
-        conv.register_forward_hook(BiasRounding(bn, quantizer(where["input"]), 8).hook)
+        conv.register_forward_hook(BiasRounding(bn, quantizer(where["input"]), int(where.get("bits", 8))).hook)
 
 
 def attach(model: nn.Module, activations: dict[str, dict], bias: dict[str, dict] | None = None) -> nn.Module:

@@ -53,7 +53,9 @@ def quantize(fp32: Path, out: Path, batches: list[np.ndarray], source: str = "",
     scales are read off them (onnx_scales.weight_overrides) rather than worked out again.
     weight_bits 4: int4 weights per channel (onnxruntime's range, [-8, 7]; [-7, 7] from a quantization-aware run,
     fakequant.py says why; onnxruntime has no int4 convolution
-    kernel: it dequantizes them and runs float convolutions between the uint8 activations' Q/DQ pairs).
+    kernel: it dequantizes them and runs float convolutions between the uint8 activations' Q/DQ pairs). Their
+    biases are int32 as int8's: a float bias would be rounded onto that grid anyway when onnxruntime loads the file
+    (its WeightBiasQuantization optimizer), so the file says what runs.
 
     overrides: {tensor name: [{"scale", "zero_point"}]}, activation scales a quantization-aware run learnt
     (lcdistill.quantize.onnx_scales): onnxruntime takes them instead of its calibrated ones; the batches still
@@ -103,9 +105,6 @@ def quantize(fp32: Path, out: Path, batches: list[np.ndarray], source: str = "",
                 # learnt scales as they are: onnxruntime would otherwise widen a weight's scale where the int32
                 # bias needs it, and the trained weights would no longer lie on their grid
                 **({"TensorQuantOverrides": overrides, "QDQDisableWeightAdjustForInt32Bias": True} if overrides else {}),
-                # int4 weights meet float convolutions: a float bias costs nothing there, while an int32 one on the
-                # grid of input scale x int4 weight scale moved 3% of the first block's outputs by a step
-                **({"QuantizeBias": False} if weight_bits != 8 else {}),
             },
         )
         proto = onnx.load(str(raw))
