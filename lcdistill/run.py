@@ -121,7 +121,7 @@ def prepare(layers: list[dict], data_dir: str, teacher: str | None, teacher_weig
     inputs = {"data": str(Path(data_dir).resolve()), "teacher": teacher, "teacher_weights": teacher_weights, "classes": classes,
               "skipped_files": splits.skipped, **({"init": init} if init else {}), **({"prune": cut} if cut else {}), **qat.base_input(recipe)}
     return Prepared(recipe, inputs, task, splits, student, loaded_teacher, int(input_size), RunFolder(run_dir), runtime,
-                    method_note(task, layers), init, qat.hook(recipe, task, int(input_size), len(splits.train.samples), runtime.world), kept)
+                    method_note(task, layers), init, qat.hook(recipe, task, student.model, int(input_size), len(splits.train.samples), runtime.world), kept)
 
 
 def cut_student(teacher: models.Loaded, ratio: float, settings: dict, task: Task, input_size: int,

@@ -48,13 +48,16 @@ def test_bad_quantize_values_are_one_line(small_data, tmp_path):
     assert_user_error(proc, "qat.weight_bits must be 8 or 4", "qat.weight_bits=8", run_dir=tmp_path / "r")
 
 
-def test_a_detector_is_refused_in_one_line(tmp_path):
+def test_a_two_stage_detector_is_refused_in_one_line(tmp_path):
     from lcdistill.data.scenes import write_digit_scenes
 
     write_digit_scenes(tmp_path / "scenes", images=20)
-    proc = cli("train", "--model", "det:FCOS:mobilenet_v3_small", "--data", tmp_path / "scenes", "--quantize", "int8", "--input-size", "64",
+    proc = cli("train", "--model", "tv:fasterrcnn_mobilenet_v3_large_320_fpn", "--data", tmp_path / "scenes", "--quantize", "int8",
+               "--input-size", "64", "--out", tmp_path / "r")
+    assert_user_error(proc, "covers FCOS and RetinaNet detectors", "post-training int8", run_dir=tmp_path / "r")
+    proc = cli("train", "--model", "mobilenetv2_050", "--data", tmp_path / "scenes", "--quantize", "int8", "--set", "qat.weight_range=minmax",
                "--out", tmp_path / "r")
-    assert_user_error(proc, "quantization-aware training does not cover detection", "--quantize int8", run_dir=tmp_path / "r")
+    assert_user_error(proc, "qat.weight_range", "learnt", run_dir=tmp_path / "r")
 
 
 def test_a_stopped_quantization_aware_run_resumes_to_the_unbroken_one(teacher_run, small_data, tmp_path):

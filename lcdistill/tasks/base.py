@@ -274,7 +274,9 @@ class Task:
     def configure(self, loaded, input_size: int) -> None:
         """Fit a resolved model (models.Loaded) to the input size the run trains at (a detector's own resize)."""
 
-    quantization_aware = True  # whether --quantize int8 can train its models (lcdistill.quantize)
+    def quantization_aware(self, model: nn.Module) -> str | None:
+        """Why --quantize int8 cannot train model (lcdistill.quantize), or None where it can."""
+        return None
 
     def checks(self, p) -> list[str]:
         """Warning lines (guardrails) this task adds for a prepared run (lcdistill.run.Prepared)."""

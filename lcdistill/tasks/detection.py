@@ -165,6 +165,9 @@ class DetectorExport(nn.Module):
         return out["boxes"][keep], out["scores"][keep], out["labels"][keep] - self.offset
 
 
+OUTPUTS = ("boxes", "scores", "labels")
+
+
 class DetectionExport(ExportSpec):
     """Batch 1 (detectors' exports with NMS take one image), dynamic height and width; outputs compared
     as matched sets: each reference box needs an exported box of its label with IoU >= 0.99."""
@@ -203,7 +206,11 @@ class DetectionExport(ExportSpec):
         return worst if worst > 1e-3 else 0.0
 
     def agreement(self, got, reference) -> tuple[int, int]:
-        """(reference detections with an int8 one of its label at IoU >= 0.5, reference detections)."""
+        """(reference detections with an int8 one of its label at IoU >= 0.5, reference detections), of one image's
+        (boxes, scores, labels) or summed over a batch's predictions (a dict an image)."""
+        if isinstance(reference, list):
+            counts = [self.agreement(tuple(g[k] for k in OUTPUTS), tuple(r[k] for k in OUTPUTS)) for g, r in zip(got, reference)]
+            return sum(a for a, _ in counts), sum(n for _, n in counts)
         (gb, _, gl), (rb, _, rl) = [tuple(torch.as_tensor(o).float() for o in out) for out in (got, reference)]
         if len(rb) == 0 or len(gb) == 0:
             return 0, len(rb)
@@ -219,7 +226,6 @@ class Detection(Task):
                              agreement_text="PyTorch's detections found by int8 (same label, IoU >= 0.5):")
     class_dim = -1
     offers = frozenset({"scores", "pyramid"})  # dense heads' sigmoid scores (kd), FPN levels (pkd), backbone stages (london)
-    quantization_aware = False  # a detector's export (TorchScript-based, NMS inside) is not planned for fake quantization yet
     hub_pipeline = "object-detection"
     model_hint = DETECTORS.hint
     recipe_defaults = {
@@ -263,6 +269,10 @@ class Detection(Task):
 
     def logit_kind(self, model: nn.Module) -> str | None:
         return "sigmoid" if dense_head(model) else None
+
+    def quantization_aware(self, model: nn.Module) -> str | None:
+        """FCOS and RetinaNet (measured, benchmarks/qat.py --setting boxes); two-stage and SSD detectors are not planned."""
+        return None if dense_head(model) else "quantization-aware training covers FCOS and RetinaNet detectors, not this one"
 
     def feature_levels(self, model: nn.Module) -> list[tuple[str, int]]:
         """The FPN's P3-P5 outputs (its layer blocks); P6 and P7 are 2x2 and 1x1 at 128 px, too small to carry statistics."""
