@@ -238,7 +238,7 @@ def test_the_int8_export_uses_what_it_learnt_and_runs_int8_kernels(qat_run, digi
     first, scored, ops = lines
     learnt, total = map(int, re.search(r"(\d+) of the (\d+) activation scales learnt", first).groups())
     assert learnt >= 0.75 * total, first
-    agree, seen = map(int, re.search(r"agrees with PyTorch on (\d+)/(\d+)", first).groups())
+    agree, seen = map(int, re.search(r"agrees with PyTorch on (\d+) of the (\d+) val images", first).groups())
     assert seen == 359 and agree >= 0.99 * seen, first
     assert "QLinearConv x" in ops and re.search(r"in float Conv x1, Gemm x1$", ops), ops  # only the stem and classifier in float
     got, want = map(float, re.search(r"top-1 % on val ([\d.]+), the fake-quantized PyTorch model ([\d.]+)", scored).groups())
@@ -275,7 +275,7 @@ def test_int4_weights_train_and_export_on_their_own_grid(qat_run, digits, tmp_pa
     first, scored, ops = [line for line in exported.stdout.splitlines() if line.startswith("int8:")]
     assert "student.w4a8.onnx" in first and "DequantizeLinear feed float convolutions" in ops, ops
     # the biases rounded as onnxruntime rounds them when it loads the file: 354/359 and top-1 1.4 apart before
-    agree, seen = map(int, re.search(r"agrees with PyTorch on (\d+)/(\d+)", first).groups())
+    agree, seen = map(int, re.search(r"agrees with PyTorch on (\d+) of the (\d+) val images", first).groups())
     assert seen == 359 and agree >= 0.99 * seen, first
     got, want = map(float, re.search(r"top-1 % on val ([\d.]+), the fake-quantized PyTorch model ([\d.]+)", scored).groups())
     assert abs(got - want) <= 0.3 + 1e-9, scored

@@ -4,6 +4,7 @@ and that `lcdistill eval` measures beside the fp32 file."""
 from __future__ import annotations
 
 import json
+import re
 
 import onnx
 import pytest
@@ -46,6 +47,7 @@ def test_int8_file_written_with_metadata(int8_run, digits):
     assert not list(run.glob(".*.tmp"))
     line = next(line for line in result.stdout.splitlines() if line.startswith("int8:"))
     assert "calibrated on 300 train images" in line
+    assert re.search(r"top-1 class agrees with PyTorch on [0-8] of 8 val images from ", line), line  # each count said once
     assert int8.stat().st_size < 0.5 * fp32.stat().st_size  # int8 weights (biases, scales stay fp32)
 
     proto = onnx.load(str(int8))

@@ -39,9 +39,13 @@ def post_training(model, task, meta: dict, fp32: Path, data_dir: str, images: in
     batches = quant.calibration_batches(task, data_dir, meta, images)
     int8 = quant.quantize(fp32, quant.int8_path(fp32, weight_bits), batches, str(Path(data_dir).resolve()), weight_bits=weight_bits)
     agree, total = agreement(task, exporters.runner("onnx", int8), model.eval(), [batch])
-    where = "" if task.export.unit == "images" else f" {task.export.unit}"
     return [f"int8: {int8}  {_mb(int8):.2f} MB (fp32 {_mb(fp32):.2f} MB), calibrated on {sum(len(b) for b in batches)} train images;"
-            f" {task.export.agreement_text} {agree}/{total}{where} of {source}; measure accuracy with `lcdistill eval`"]
+            f" {task.export.agreement_text} {counted(task, agree, total)} {source}; measure accuracy with `lcdistill eval`"]
+
+
+def counted(task, agree: int, total: int) -> str:
+    """'7 of' where agreement counts the images themselves (the source names how many), else '40/42 detections of'."""
+    return f"{agree} of" if task.export.unit == "images" else f"{agree}/{total} {task.export.unit} of"
 
 
 def from_qat(loaded, task, meta: dict, fp32: Path, data_dir: str, images: int, opset: int, batch) -> list[str]:
@@ -78,13 +82,12 @@ def from_qat(loaded, task, meta: dict, fp32: Path, data_dir: str, images: int, o
     ops = onnx_scales.executed_ops(int8, task.export.calls(batch[:1])[0].numpy())
     integer = {k: v for k, v in ops.items() if k.startswith("QLinear") or "Integer" in k}
     floating = {k: v for k, v in ops.items() if k in ("Conv", "Gemm", "MatMul")}
-    where = "" if task.export.unit == "images" else f" {task.export.unit}"
     metric = task.metric(len(meta["classes"]))
     dequantized = ops.get("DequantizeLinear", 0)
     return [
         f"int8: {int8}  {_mb(int8):.2f} MB (fp32 {_mb(fp32):.2f} MB), quantization-aware: weights as trained, {learnt} of the "
         f"{len(quantized)} activation scales learnt in training, the rest calibrated on {sum(len(b) for b in batches)} train images;"
-        f" {task.export.agreement_text} {agree}/{total}{where} of the {len(val.samples)} val images against the fake-quantized PyTorch model",
+        f" {task.export.agreement_text} {counted(task, agree, total)} the {len(val.samples)} val images against the fake-quantized PyTorch model",
         f"int8: {metric.best_header} on val {got[metric.best]:.2f}, the fake-quantized PyTorch model {want[metric.best]:.2f} "
         f"(difference {got[metric.best] - want[metric.best]:+.2f})",
         "int8: onnxruntime ran " + (", ".join(f"{k} x{v}" for k, v in sorted(integer.items())) or "no integer kernel")
