@@ -4,10 +4,12 @@ bit for bit (a file of its own so pytest's workers share the quantization-aware 
 from __future__ import annotations
 
 import json
+import re
 
+import pytest
 import torch
 
-from conftest import assert_user_error, cli, cli_process
+from conftest import assert_user_error, cli, cli_ok, cli_process
 from lcdistill.quantize.prepare import ATTR
 
 
@@ -80,3 +82,16 @@ def test_a_stopped_quantization_aware_run_resumes_to_the_unbroken_one(teacher_ru
     resume(out)
     assert_same_run(out, reference)
     assert json.loads((out / "student.json").read_text())["qat"] == json.loads((reference / "student.json").read_text())["qat"]
+
+
+@pytest.mark.gpu
+def test_a_quantization_aware_fine_tune_on_cuda_exports_what_it_learnt(teacher_run, small_data, tmp_path):
+    """The CUDA path (bf16 autocast, channels_last) trains through the fake quantization; the int8 file made from
+    it on the CPU still agrees with the fake-quantized model."""
+    run = tmp_path / "qat"
+    cli_ok("train", "--model", teacher_run, "--data", small_data, "--quantize", "int8", "--epochs", "1", "--workers", "0", "--device", "cuda",
+           "--out", run)
+    assert json.loads((run / "student.json").read_text())["qat"]["scheme"] == "int8"
+    first = next(line for line in cli_ok("export", run, "--format", "onnx", "--quantize", "int8").stdout.splitlines() if line.startswith("int8:"))
+    agree, seen = map(int, re.search(r"agrees with PyTorch on (\d+) of the (\d+) val images", first).groups())
+    assert agree >= 0.97 * seen, first  # resnet18's twice-called ReLUs keep consumer-side quantizers
