@@ -3,19 +3,28 @@ Lipschitz term makes a student hold up under post-training quantization (issue 2
 
 Per seed, with a demo's teacher and settings (--setting digits: `make demo`'s, mobilenetv2_050 students of
 the resnet18, 15 epochs, lr 0.02, 32 px; --setting scenes: `make demo-seg`'s, smp FPN mobilenetv3_small
-students of the FPN resnet18, 5 epochs, lr 0.04, 64 px):
-  1. students distilled in float: kd and kd+london (`london`) on the digits, the task's default (cwd) on scenes;
+students of the FPN resnet18, 5 epochs, lr 0.04, 64 px; --setting boxes: `make demo-det`'s, FCOS
+mobilenet_v3_small students with two-conv heads of the FCOS resnet18, 5 epochs, lr 0.002, 64 px, their trunk
+from --init, the demo's student-backbone):
+  1. students distilled in float: kd and kd+london (`london`) on the digits, the task's default (cwd) on scenes and boxes;
   2. each exported and quantized after training by onnxruntime: int8 weights (the default export) and int4
      weights (`--weight-bits 4`), uint8 activations in both;
   3. the last of them fine-tuned quantization-aware for each width (`--student RUN --quantize int8
      [--set qat.weight_bits=4]`: 3 epochs at a tenth of the lr, the teacher guiding with the same method) and
-     exported from what it learnt.
-Every number is the val metric (top-1, mIoU) of an ONNX file run by onnxruntime (the fp32 file too), so float
+     exported from what it learnt;
+  4. with --control, the same fine-tune in float (its recipe, quantization off): what the extra epochs of
+     distillation give without quantization.
+Every number is the val metric (top-1, mIoU, mAP) of an ONNX file run by onnxruntime (the fp32 file too), so float
 and integer are scored by the same runtime. Paired over seeds: each quantized file against its own fp32 file,
 and (digits) the post-training drop of the kd student against the kd+london student's.
 
     python benchmarks/qat.py --teacher runs/demo/teacher --data runs/demo/digits --seeds 0 1 2 3 --jobs 2
     python benchmarks/qat.py --setting scenes --teacher runs/demo-seg/teacher --data runs/demo-seg/scenes --seeds 0 1 2
+    python benchmarks/qat.py --setting boxes --teacher runs/demo-det/teacher --data runs/demo-det/scenes \
+        --init runs/demo-det/student-backbone --bits 4 --control --seeds 0 1 2
+
+--keep DIR keeps each seed's runs and reuses the float students found there on a later call (a change to the
+quantization-aware step measured on the same students).
 
 Writes the raw numbers after every seed (--out with .json) and the tables to --out (markdown), and prints them.
 """
@@ -24,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -40,6 +50,9 @@ SETTINGS = {
                          "--set", "data.crop_pct=1.0", "--set", "schedule.warmup_epochs=2"]},
     "scenes": {"student": "smp:FPN:tu-mobilenetv3_small_100", "epochs": 5, "lr": 0.04, "methods": ["cwd"], "metric": "miou",
                "flags": ["--input-size", "64"]},
+    # `make demo-det`'s student: FCOS mobilenet_v3_small, two convs per head tower, its trunk from --init (the demo's student-backbone)
+    "boxes": {"student": "det:FCOS:mobilenet_v3_small", "epochs": 5, "lr": 0.002, "methods": ["cwd"], "metric": "map",
+              "flags": ["--input-size", "64", "--set", "student.kwargs.head_convs=2"]},
 }
 RUNTIME = ["--workers", "0", "--device", "cpu"]
 FILES = {"fp32": "student.onnx", "ptq8": "student.int8.onnx", "ptq4": "student.w4a8.onnx"}
@@ -74,31 +87,48 @@ def one_seed(job: dict) -> dict:
     key = setting["metric"]
     row: dict = {"seed": seed}
     with tempfile.TemporaryDirectory(prefix=f"qat-bench-{seed}-") as tmp:
-        work = Path(tmp)
+        work = Path(job["keep"]) / f"seed{seed}" if job["keep"] else Path(tmp)
         for method in job["methods"] or setting["methods"]:
             run = work / method
-            lcdistill("compress", "--teacher", teacher, "--student", job["student"], "--data", data, "--method", method, "--epochs", job["epochs"],
-                      "--lr", job["lr"], "--seed", seed, *setting["flags"], *RUNTIME, "--out", run)
-            lcdistill("export", run, "--format", "onnx", "--quantize", "int8")
-            lcdistill("export", run, "--format", "onnx", "--quantize", "int8", "--weight-bits", "4", "--out", run / "w4")
+            if not (run / "w4" / FILES["ptq4"]).is_file():  # a float student kept by an earlier --keep run is reused
+                train_float(job, setting, method, run)
             row[method] = {"fp32": score(run / FILES["fp32"], data, key), "ptq8": score(run / FILES["ptq8"], data, key),
                            "ptq4": score(run / "w4" / FILES["ptq4"], data, key)}
         last = (job["methods"] or setting["methods"])[-1]
         for bits in job["bits"]:
             run = work / f"qat{bits}"
+            shutil.rmtree(run, ignore_errors=True)  # a kept one from an earlier run: fine-tuned again
             lcdistill("compress", "--teacher", teacher, "--student", work / last, "--data", data, "--quantize", "int8", "--set",
-                      f"qat.weight_bits={bits}", "--seed", seed, *RUNTIME, *(["--epochs", job["qat_epochs"]] if job["qat_epochs"] else []), "--out", run)
+                      f"qat.weight_bits={bits}", "--seed", seed, *RUNTIME, *(["--epochs", job["qat_epochs"]] if job["qat_epochs"] else []),
+                      *[a for kv in job["qat_set"] for a in ("--set", kv)], "--out", run)
             lcdistill("export", run, "--format", "onnx", "--quantize", "int8")
             row[last][f"qat{bits}"] = score(run / FILES[f"ptq{bits}"], data, key)
+            if job["control"] and "float_ft" not in row[last]:
+                # the same fine-tune in float (its recipe, quantization off): what the extra epochs of distillation give alone
+                ft = work / "float-ft"
+                shutil.rmtree(ft, ignore_errors=True)
+                lcdistill("compress", "--recipe", run / "recipe.yaml", "--teacher", teacher, "--data", data, "--set", "qat.mode=none", *RUNTIME, "--out", ft)
+                lcdistill("export", ft, "--format", "onnx")
+                row[last]["float_ft"] = score(ft / FILES["fp32"], data, key)
     row["seconds"] = time.time() - start
     return row
 
 
+def train_float(job: dict, setting: dict, method: str, run: Path) -> None:
+    """A float student distilled with method, exported in fp32 with post-training int8 and int4 beside it."""
+    if run.exists():  # a kept run that did not finish
+        shutil.rmtree(run)
+    lcdistill("compress", "--teacher", job["teacher"], "--student", job["student"], "--data", job["data"], "--method", method, "--epochs", job["epochs"],
+              "--lr", job["lr"], "--seed", job["seed"], *setting["flags"], *(["--init", job["init"]] if job["init"] else []), *RUNTIME, "--out", run)
+    lcdistill("export", run, "--format", "onnx", "--quantize", "int8")
+    lcdistill("export", run, "--format", "onnx", "--quantize", "int8", "--weight-bits", "4", "--out", run / "w4")
+
+
 def tables(rows: list[dict], head: dict) -> str:
     setting = SETTINGS[head.get("setting", "digits")]
-    last, metric = (head.get("methods") or setting["methods"])[-1], {"top1": "top-1", "miou": "mIoU"}[setting["metric"]]
+    last, metric = (head.get("methods") or setting["methods"])[-1], {"top1": "top-1", "miou": "mIoU", "map": "mAP"}[setting["metric"]]
     kinds = [("fp32", "fp32 (ONNX)"), ("ptq8", "post-training int8"), ("ptq4", "post-training int4 weights"),
-             ("qat8", "quantization-aware int8"), ("qat4", "quantization-aware int4 weights")]
+             ("qat8", "quantization-aware int8"), ("qat4", "quantization-aware int4 weights"), ("float_ft", "float fine-tune, the same schedule (fp32)")]
     out = [f"# Quantization-aware distillation against post-training int8 ({len(rows)} seeds: {', '.join(str(r['seed']) for r in rows)})", "",
            f"{head['student']} students of the teacher {head['teacher']} on {head['data']}, {head['epochs']} epochs, "
            f"lr {head['lr']}; quantization-aware runs: {head.get('qat_epochs') or 3}-epoch fine-tunes of the {last} student. Val {metric} (%) of each ONNX file in "
@@ -111,6 +141,14 @@ def tables(rows: list[dict], head: dict) -> str:
         if have:
             out.append(f"| {name} | {mean_std([r['top1'] for r in have])} | "
                        + ("" if key == "fp32" else paired(have, fp32, lambda r: r["top1"], counts=True)) + " |")
+    if any("float_ft" in r for r in lon):  # the quantization-aware files against the same extra epochs in float
+        ft = [{"seed": r["seed"], "top1": r["float_ft"]} for r in lon if "float_ft" in r]
+        out += ["", "Against the float fine-tune of the same schedule (what quantization-aware training costs once its extra epochs are "
+                "given to float too):", "", "| file | vs float fine-tune |", "|---|---|"]
+        for key, name in kinds[3:5]:
+            have = [{"seed": r["seed"], "top1": r[key]} for r in lon if key in r]
+            if have:
+                out.append(f"| {name} | {paired(have, ft, lambda r: r['top1'], counts=True)} |")
     if "kd" not in rows[0]:
         return "\n".join(out + ["", f"{statistics.mean(r['seconds'] for r in rows) / 60:.1f} min a seed."]) + "\n"
     out += ["", "## Does the Lipschitz term make a student hold up under post-training quantization?", "",
@@ -133,7 +171,11 @@ def main() -> None:
     ap.add_argument("--student", help="default: the setting's")
     ap.add_argument("--epochs", type=int, help="default: the setting's")
     ap.add_argument("--lr", type=float, help="default: the setting's")
-    ap.add_argument("--bits", type=int, nargs="+", default=[4, 8], help="weight widths to fine-tune quantization-aware")
+    ap.add_argument("--bits", type=int, nargs="*", default=[4, 8], help="weight widths to fine-tune quantization-aware (none: float students only)")
+    ap.add_argument("--qat-set", nargs="*", default=[], metavar="KEY=VALUE", help="recipe settings of the quantization-aware fine-tunes (qat.weight_range=max)")
+    ap.add_argument("--init", help="--init of the float students (boxes: the demo's student-backbone run)")
+    ap.add_argument("--control", action="store_true", help="also run each quantization-aware fine-tune's schedule in float")
+    ap.add_argument("--keep", help="keep each seed's runs in KEEP/seedN, and reuse the float students found there")
     ap.add_argument("--qat-epochs", type=int, help="the quantization-aware fine-tune's epochs (default: the fine-tune's own, 3)")
     ap.add_argument("--methods", nargs="+", help="the float students' methods (default: the setting's); the last is fine-tuned")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -144,7 +186,7 @@ def main() -> None:
     for k in ("student", "epochs", "lr"):
         if getattr(args, k) is None:
             setattr(args, k, SETTINGS[args.setting][k])
-    head = {k: getattr(args, k) for k in ("setting", "teacher", "data", "student", "epochs", "lr", "bits", "qat_epochs", "methods")}
+    head = {k: getattr(args, k) for k in ("setting", "teacher", "data", "student", "epochs", "lr", "bits", "qat_epochs", "qat_set", "methods", "init", "control", "keep")}
     record = Record(args.out, head, time.time())
     jobs = [{**head, "seed": s, "threads": args.threads} for s in args.seeds]
     with ProcessPoolExecutor(args.jobs) as pool:
