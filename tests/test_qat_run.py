@@ -63,14 +63,14 @@ def test_a_two_stage_detector_is_refused_in_one_line(tmp_path):
 
 
 def test_a_stopped_quantization_aware_run_resumes_to_the_unbroken_one(teacher_run, small_data, tmp_path):
-    """Observer ranges, their state, the step count and the parametrized weights are in the checkpoint: a run
-    stopped by SIGTERM mid-epoch and resumed ships the same int8-grid weights and activation scales as the
-    unbroken run, bit for bit."""
+    """Observer ranges, their state, the step count, the parametrized weights and their learnt clipping shares (int4
+    weights) are in the checkpoint: a run stopped by SIGTERM mid-epoch and resumed ships the same grid weights and
+    activation scales as the unbroken run, bit for bit."""
     import signal
 
     from test_resume import LONDON, assert_same_run, resume, start, stop_after_a_step
 
-    args = ["--teacher", teacher_run, "--data", small_data, *LONDON, "--quantize", "int8", "--set", "qat.calibration_steps=2"]
+    args = ["--teacher", teacher_run, "--data", small_data, *LONDON, "--quantize", "int8", "--set", "qat.calibration_steps=2", "--set", "qat.weight_bits=4"]
     reference = tmp_path / "reference"
     proc = cli_process("compress", *args, "--out", reference)  # in a fresh interpreter, as the resumed run: same threads and flags
     assert proc.returncode == 0, proc.stderr
@@ -81,7 +81,8 @@ def test_a_stopped_quantization_aware_run_resumes_to_the_unbroken_one(teacher_ru
     assert not (out / "student.safetensors").exists()
     resume(out)
     assert_same_run(out, reference)
-    assert json.loads((out / "student.json").read_text())["qat"] == json.loads((reference / "student.json").read_text())["qat"]
+    shipped = json.loads((out / "student.json").read_text())["qat"]
+    assert shipped == json.loads((reference / "student.json").read_text())["qat"] and shipped["weight_range"] == "learnt"
 
 
 @pytest.mark.gpu
