@@ -189,7 +189,7 @@ def test_bake_ships_the_plain_architecture_on_the_int8_grid(bits):
     assert torch.allclose(q, q.round(), atol=1e-3) and q.abs().max() <= (64 if bits == 8 else 7) + 1e-3
     x = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
-        rebuilt = attach(copy.deepcopy(plain), acts, report["bias"]).eval()
+        rebuilt = attach(copy.deepcopy(plain), acts, report["bias"], bits).eval()
         torch.testing.assert_close(rebuilt(x), model(x), rtol=1e-4, atol=1e-4)  # the fake-quantized model, rebuilt
         # the int32 bias rounding is part of it: without it the outputs move
         assert not torch.allclose(attach(plain, acts).eval()(x), model(x), rtol=1e-4, atol=1e-4)

@@ -56,7 +56,7 @@ def from_qat(loaded, task, meta: dict, fp32: Path, data_dir: str, images: int, o
     # exported with its activation quantizers only (onnxruntime rounds the int32 biases itself); judged against the
     # model that rounds them as onnxruntime does
     reference = task.exportable(attach(copy.deepcopy(loaded.model), qat["activations"])).eval()
-    attached = attach(copy.deepcopy(loaded.model), qat["activations"], qat.get("bias")).eval()
+    attached = attach(copy.deepcopy(loaded.model), qat["activations"], qat.get("bias"), qat.get("weight_bits", 8)).eval()
     batches = quant.calibration_batches(task, data_dir, meta, images)
     with tempfile.TemporaryDirectory(prefix="lcdistill-qat-") as tmp:
         # torch.export cannot take fake quantization with a dynamic batch (its cachemask variant has no symbolic

@@ -233,9 +233,9 @@ def prepare(model: nn.Module, example: torch.Tensor, settings: dict, total_steps
     # quantized convolutions hold their bias in int32 on the grid of input scale x weight scale: simulated. With int4
     # weights too: onnxruntime's WeightBiasQuantization optimizer rounds a float bias there when it loads the file (the
     # int4 demo student's file scored 3 points under its fake-quantized model until the simulation did the same)
-    bias = {p: {"bn": pairs.get(p), "input": f"{shared[p]}{OUT}" if p in shared else p, "bits": bits} for p in quantized
+    bias = {p: {"bn": pairs.get(p), "input": f"{shared[p]}{OUT}" if p in shared else p} for p in quantized
             if isinstance(model.get_submodule(p), nn.Conv2d)}
-    round_biases(model, bias, lambda path: state.observers[key(path)])
+    round_biases(model, bias, lambda path: state.observers[key(path)], bits)
     model.register_forward_pre_hook(state.root_pre_hook)
     return {"quantized": len(quantized), "folded": sum(p in pairs for p in quantized), "float": keep_float, "outputs": len(loose), "bias": bias,
             "steps": total_steps, "calibration_steps": state.calibration_steps, "observers_frozen_at": state.freeze_observers,
@@ -274,21 +274,20 @@ def bake(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
     return plain, acts
 
 
-def round_biases(model: nn.Module, bias: dict[str, dict], quantizer) -> None:
+def round_biases(model: nn.Module, bias: dict[str, dict], quantizer, bits: int) -> None:
     """A BiasRounding hook on each conv of bias ({conv path: {"bn": its BatchNorm or None, "input": the path of its
-    input's quantizer, "bits": its weights' width (8 where a run before int4's rounding did not say)}}) that has a
-    bias to round (the BatchNorm's folded in, or its own)."""
+    input's quantizer}}) that has a bias to round (the BatchNorm's folded in, or its own); bits: the weights' width."""
     for path, where in bias.items():
         conv = model.get_submodule(path)
         bn = model.get_submodule(where["bn"]) if where["bn"] else None
         if bn is None and conv.bias is None:
             continue
-        conv.register_forward_hook(BiasRounding(bn, quantizer(where["input"]), int(where.get("bits", 8))).hook)
+        conv.register_forward_hook(BiasRounding(bn, quantizer(where["input"]), bits).hook)
 
 
-def attach(model: nn.Module, activations: dict[str, dict], bias: dict[str, dict] | None = None) -> nn.Module:
+def attach(model: nn.Module, activations: dict[str, dict], bias: dict[str, dict] | None = None, bits: int = 8) -> nn.Module:
     """Fixed activation quantizers (bake's second result) on a model built from baked weights, in place, and
-    the int32 bias rounding of its int8 convolutions (the run's "bias" entry)."""
+    the int32 bias rounding of its quantized convolutions (the run's "bias" entry; bits: its "weight_bits")."""
     quantizers = {}
     for path, q in activations.items():
         quant = FixedQuant(q["scale"], q["zero_point"])
@@ -300,5 +299,5 @@ def attach(model: nn.Module, activations: dict[str, dict], bias: dict[str, dict]
         else:
             layer.register_forward_pre_hook(quant.pre_hook)
         quantizers[path] = quant
-    round_biases(model, {p: b for p, b in (bias or {}).items() if b["input"] in quantizers}, quantizers.get)
+    round_biases(model, {p: b for p, b in (bias or {}).items() if b["input"] in quantizers}, quantizers.get, bits)
     return model
